@@ -28,9 +28,7 @@ SHANGHAI = ZoneInfo("Asia/Shanghai")
 PeriodKind = Literal["working", "natural"]
 
 _ONE_DAY = timedelta(days=1)
-_PERIOD_TEXT = re.compile(
-    r"(?P<count>\d+)\s*(?:(?P<kind>working|natural)\s+days?|(?P<short>[wd]))", re.IGNORECASE
-)
+_PERIOD_TEXT = re.compile(r"(?P<count>\d+)\s*(?:(?P<kind>working|natural)\s+days?|(?P<short>[wd]))", re.IGNORECASE)
 _ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 _YEAR = re.compile(r"\d{4}")
 _WORKING_BY_LIST = {"holidays": False, "workdays": True}
@@ -60,9 +58,7 @@ class Period:
 
     def __post_init__(self) -> None:
         if self.kind not in get_args(PeriodKind):
-            raise ValueError(
-                f"A period is counted in 'working' or 'natural' days, not {self.kind!r}."
-            )
+            raise ValueError(f"A period is counted in 'working' or 'natural' days, not {self.kind!r}.")
         if isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 1:
             raise ValueError(f"A period is a whole number of days from 1 up, not {self.count!r}.")
 
@@ -92,9 +88,7 @@ class WorkingDayCalendar:
     dates they list.
     """
 
-    def __init__(
-        self, overrides: Mapping[date, bool] | None = None, extra_years: Iterable[int] = ()
-    ) -> None:
+    def __init__(self, overrides: Mapping[date, bool] | None = None, extra_years: Iterable[int] = ()) -> None:
         self._overrides: dict[date, bool] = {}
         for day, working in (overrides or {}).items():
             _require_plain_date(day)
@@ -131,9 +125,7 @@ class WorkingDayCalendar:
         try:
             document = tomllib.loads(text)
         except tomllib.TOMLDecodeError as error:
-            raise CalendarOverrideError(
-                f"Calendar override file {source} is not valid TOML: {error}."
-            ) from error
+            raise CalendarOverrideError(f"Calendar override file {source} is not valid TOML: {error}.") from error
         overrides, years = _read_override_document(document, source)
         return cls(overrides, extra_years=years)
 
@@ -200,13 +192,9 @@ class WorkingDayCalendar:
                 "Asia/Shanghai, without a timezone (for example time(17, 30))."
             )
         due_day = self.working_days_after(local_start.date(), period.count)
-        return datetime.combine(
-            due_day, at if at is not None else local_start.time(), tzinfo=SHANGHAI
-        )
+        return datetime.combine(due_day, at if at is not None else local_start.time(), tzinfo=SHANGHAI)
 
-    def is_within(
-        self, start: datetime, period: Period, moment: datetime, at: time | None = None
-    ) -> bool:
+    def is_within(self, start: datetime, period: Period, moment: datetime, at: time | None = None) -> bool:
         """Whether ``moment`` comes before the deadline of ``period`` begun at ``start``."""
         return _in_shanghai(moment, "moment") < self.deadline(start, period, at)
 
@@ -228,9 +216,7 @@ def _in_shanghai(moment: datetime, name: str) -> datetime:
     return moment.astimezone(SHANGHAI)
 
 
-def _read_override_document(
-    document: Mapping[str, Any], source: str
-) -> tuple[dict[date, bool], set[int]]:
+def _read_override_document(document: Mapping[str, Any], source: str) -> tuple[dict[date, bool], set[int]]:
     overrides: dict[date, bool] = {}
     years: set[int] = set()
     for year_key, table in document.items():
@@ -244,13 +230,9 @@ def _read_override_document(
         for list_key, entries in table.items():
             where = f"Calendar override file {source}: in [{year_key}] {list_key}"
             if list_key not in _WORKING_BY_LIST:
-                raise CalendarOverrideError(
-                    f"{where}: unknown key; a year table holds only 'holidays' and 'workdays'."
-                )
+                raise CalendarOverrideError(f"{where}: unknown key; a year table holds only 'holidays' and 'workdays'.")
             if not isinstance(entries, list):
-                raise CalendarOverrideError(
-                    f'{where}: {entries!r} is not a list of dates like ["{year}-01-01"].'
-                )
+                raise CalendarOverrideError(f'{where}: {entries!r} is not a list of dates like ["{year}-01-01"].')
             for entry in entries:
                 day = _read_override_date(entry, where)
                 if day.year != year:
@@ -258,9 +240,7 @@ def _read_override_document(
                         f"{where}: {entry!r} lies outside {year}; move it to its own year table."
                     )
                 if day in overrides:
-                    raise CalendarOverrideError(
-                        f"{where}: {entry!r} is listed twice; keep it in one list, once."
-                    )
+                    raise CalendarOverrideError(f"{where}: {entry!r} is listed twice; keep it in one list, once.")
                 overrides[day] = _WORKING_BY_LIST[list_key]
     return overrides, years
 

@@ -1,0 +1,114 @@
+"""``gateway run``: one Twisted process, a MultiService of the gateway's parts.
+
+The store (worker threads), the HTTP API and the FastAGI listener are services that start
+and stop in order: on SIGTERM the listeners stop accepting first, then the calls already
+accepted finish writing, then the store's threads end. Channels not configured are absent.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.application import internet, service
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorCore, IReactorTCP, IReactorTime
+
+from gateway.config import Config
+from gateway.http_api import GatewayApi, make_site
+from gateway.privacy import DataProtector
+from gateway.workdays import WorkingDayCalendar
+from storage import migrate
+from storage.deferred import DeferredStore
+from storage.store import Store, make_engine
+
+log = logging.getLogger("gateway.app")
+
+
+@dataclass
+class Gateway:
+    """The running process's parts, for tests and for the health report."""
+
+    config: Config
+    store: Store
+    deferred_store: DeferredStore
+    calendar: WorkingDayCalendar
+    root: service.MultiService
+    api: GatewayApi | None = None
+
+
+def open_store(config: Config, *, upgrade: bool = True) -> Store:
+    """The store for this configuration, its schema brought up to date."""
+    engine = make_engine(config.store.effective_url, threads=config.store.threads)
+    if upgrade:
+        migrate.upgrade(engine)
+    protector = DataProtector.from_settings(
+        config.privacy.encryption_key, config.privacy.phone_hash_key, config.data_dir
+    )
+    return Store(engine, protector)
+
+
+def build_gateway(config: Config, reactor: Any, *, store: Store | None = None) -> Gateway:
+    """Compose the services; nothing listens until ``root.startService()``."""
+    store = store or open_store(config)
+    calendar = WorkingDayCalendar.from_override_file(config.calendar.override_file or None)
+    root = service.MultiService()
+    deferred_store = DeferredStore(store, reactor, config.store.threads)
+    deferred_store.setServiceParent(root)
+    gateway = Gateway(config, store, deferred_store, calendar, root)
+
+    if config.agi.enabled:
+        from gateway.ivr.fastagi import build_fastagi_service
+
+        build_fastagi_service(config, reactor, deferred_store).setServiceParent(root)
+
+    if config.http.enabled:
+        gateway.api = GatewayApi(
+            deferred_store,
+            reactor,
+            health=lambda: health_report(gateway),
+            default_country_code=config.privacy.default_country_code,
+        )
+        site = make_site(gateway.api, config.http.max_body_bytes)
+        http = internet.TCPServer(config.http.port, site, interface=config.http.host, backlog=511)
+        http.setName("http")
+        http.setServiceParent(root)
+    return gateway
+
+
+def health_report(gateway: Gateway) -> defer.Deferred[dict[str, Any]]:
+    """Each component's state (SPEC: operations); the store is asked, not assumed."""
+
+    def store_ok(_: Any) -> dict[str, Any]:
+        return {"status": "ok"}
+
+    def store_down(failure: Any) -> dict[str, Any]:
+        return {"status": "down", "error": failure.type.__name__}
+
+    probe = gateway.deferred_store.call("ping").addCallbacks(store_ok, store_down)
+
+    def assemble(store_state: dict[str, Any]) -> dict[str, Any]:
+        components: dict[str, Any] = {"store": store_state}
+        if gateway.config.agi.enabled:
+            components["agi"] = {"status": "ok", "port": gateway.config.agi.port}
+        status = "ok" if all(c["status"] == "ok" for c in components.values()) else "degraded"
+        return {"status": status, "components": components}
+
+    return probe.addCallback(assemble)
+
+
+def run(config: Config, reactor: IReactorCore | IReactorTCP | IReactorTime | Any) -> int:
+    """Start every service and run the reactor until SIGTERM/SIGINT."""
+    gateway = build_gateway(config, reactor)
+    reactor.callWhenRunning(gateway.root.startService)
+    reactor.addSystemEventTrigger("before", "shutdown", gateway.root.stopService)
+    listening = [
+        f"{name}={getattr(config, name).host}:{getattr(config, name).port}"
+        for name in ("http", "agi")
+        if getattr(config, name).enabled
+    ]
+    log.info("event=gateway.start store=%s %s", gateway.store.engine.dialect.name, " ".join(listening))
+    reactor.run()
+    log.info("event=gateway.stopped")
+    return 0

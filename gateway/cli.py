@@ -1,0 +1,249 @@
+"""The ``gateway`` command: run, config check, db upgrade, import, token, ratings, openapi.
+
+Errors people will see are sentences on stderr and a non-zero exit status, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from gateway.config import Config, ConfigError, load_config
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_SOME_REJECTED = 3
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load_config(args.config or os.environ.get("GATEWAY_CONFIG") or None)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from twisted.internet import asyncioreactor
+
+    # The asyncio reactor lets aiosmtpd share the loop with the Twisted services.
+    asyncioreactor.install()
+    from twisted.internet import reactor
+
+    from gateway.app import run
+    from gateway.logs import configure_logging, forward_twisted_logs
+
+    config = _load(args)
+    configure_logging(config.log.level, config.log.format)
+    forward_twisted_logs()
+    return run(config, reactor)
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    config = _load(args)
+    from gateway.workdays import CalendarOverrideError, WorkingDayCalendar
+
+    try:
+        WorkingDayCalendar.from_override_file(config.calendar.override_file or None)
+    except CalendarOverrideError as error:
+        print(f"{config.source}: [calendar] override_file: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    print(f"configuration OK ({config.source})")
+    print(f"store: {_safe_url(config.store.effective_url)}")
+    for name in ("http", "agi", "smtp"):
+        section = getattr(config, name)
+        print(f"{name}: " + (f"{section.host}:{section.port}" if section.enabled else "disabled"))
+    return EXIT_OK
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from gateway.app import open_store
+    from storage import migrate
+
+    config = _load(args)
+    store = open_store(config, upgrade=False)
+    before = migrate.current_revision(store.engine)
+    migrate.upgrade(store.engine)
+    after = migrate.current_revision(store.engine)
+    print(f"store {_safe_url(config.store.effective_url)}: schema {before or 'empty'} -> {after}")
+    return EXIT_OK
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from gateway.app import open_store
+    from gateway.csv_import import ImportFileError, import_csv
+
+    config = _load(args)
+    store = open_store(config)
+    path = Path(args.file)
+    with tqdm(unit=" rows", desc=path.name, disable=args.quiet, file=sys.stderr, mininterval=0.5) as bar:
+        try:
+            report = import_csv(
+                path,
+                store,
+                now=datetime.now(UTC),
+                default_country_code=config.privacy.default_country_code,
+                progress=bar.update,
+            )
+        except ImportFileError as error:
+            print(f"{path}: {error}; nothing was imported", file=sys.stderr)
+            return EXIT_ERROR
+    for problem in report.problems:
+        print(f"{path}: {problem}", file=sys.stderr)
+    if report.ignored_columns:
+        print(f"{path}: ignored unknown column(s): {', '.join(report.ignored_columns)}", file=sys.stderr)
+    counts = report.counts
+    print(
+        f"{report.rows} rows: {counts['created']} created, {counts['updated']} updated, "
+        f"{counts['unchanged']} unchanged, {counts['rejected']} rejected"
+    )
+    return EXIT_SOME_REJECTED if counts["rejected"] else EXIT_OK
+
+
+def cmd_token_create(args: argparse.Namespace) -> int:
+    from gateway.app import open_store
+    from storage.store import StoreError
+
+    store = open_store(_load(args))
+    try:
+        token = store.create_token(args.role, args.name)
+    except StoreError as error:
+        print(str(error), file=sys.stderr)
+        return EXIT_USAGE
+    print(token)
+    print(f"(role {args.role}; shown once: store it now)", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_ratings(args: argparse.Namespace) -> int:
+    from gateway.app import open_store
+    from gateway.intake import parse_timestamp
+
+    filters = {
+        "call_id": args.call_id,
+        "linked_id": args.linked_id,
+        "work_order": args.work_order,
+        "agent_id": args.agent,
+        "service_id": args.service_id,
+    }
+    if not any(filters.values()):
+        print("give one of --call-id, --linked-id, --work-order, --agent, --service-id", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        since = parse_timestamp(args.since) if args.since else None
+        until = parse_timestamp(args.until) if args.until else None
+    except ValueError as error:
+        print(str(error), file=sys.stderr)
+        return EXIT_USAGE
+    if until is not None and len(args.until.strip()) == 10:
+        until += timedelta(days=1)
+    store = open_store(_load(args))
+    rows = store.find_ratings(**filters, since=since, until=until, limit=args.limit)
+    store.audit("cli", "ratings.lookup", None, {k: v for k, v in filters.items() if v})
+    if args.json:
+        print(json.dumps([row.as_json() for row in rows], ensure_ascii=False, indent=2))
+        return EXIT_OK
+    if not rows:
+        print("no ratings found")
+        return EXIT_OK
+    for row in rows:
+        flags = ",".join(
+            name
+            for name, on in (("default", row.is_default), ("follow-up", row.is_follow_up), ("attempt", row.is_attempt))
+            if on
+        )
+        print(
+            f"{row.rated_at.astimezone():%Y-%m-%d %H:%M:%S}  {int(row.level)} {row.level.chinese_name:<5}  "
+            f"{row.channel:<6} input={row.raw_input or '-'}  service={row.service_id} call={row.call_id or '-'} "
+            f"work_order={row.work_order or '-'} agent={row.agent_id or '-'} phone={row.mobile_masked or '-'}"
+            + (f" [{flags}]" if flags else "")
+        )
+    return EXIT_OK
+
+
+def cmd_openapi(args: argparse.Namespace) -> int:
+    from gateway.openapi import build_openapi
+
+    print(json.dumps(build_openapi(), ensure_ascii=False, indent=2))
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gateway", description="好差评 evaluation gateway")
+    parser.add_argument(
+        "--config",
+        "-c",
+        metavar="FILE",
+        help="TOML configuration file (default: $GATEWAY_CONFIG, else built-in defaults)",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    commands.add_parser("run", help="run the gateway (HTTP API, FastAGI, …)").set_defaults(func=cmd_run)
+
+    config = commands.add_parser("config", help="configuration").add_subparsers(dest="action", required=True)
+    config.add_parser("check", help="report every problem of the configuration").set_defaults(func=cmd_config_check)
+
+    db = commands.add_parser("db", help="the evaluation store").add_subparsers(dest="action", required=True)
+    db.add_parser("upgrade", help="create or migrate the schema").set_defaults(func=cmd_db_upgrade)
+
+    importer = commands.add_parser("import", help="import service records from a CSV file")
+    importer.add_argument("file", metavar="FILE.csv")
+    importer.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    importer.set_defaults(func=cmd_import)
+
+    token = commands.add_parser("token", help="API tokens").add_subparsers(dest="action", required=True)
+    create = token.add_parser("create", help="create a bearer token for a role")
+    from storage.store import ROLES
+
+    create.add_argument("--role", required=True, choices=ROLES)
+    create.add_argument("--name", default="", help="who or what uses it")
+    create.set_defaults(func=cmd_token_create)
+
+    ratings = commands.add_parser("ratings", help="look up ratings of a call, work order, agent or service")
+    ratings.add_argument("--call-id")
+    ratings.add_argument("--linked-id")
+    ratings.add_argument("--work-order")
+    ratings.add_argument("--agent")
+    ratings.add_argument("--service-id")
+    ratings.add_argument("--since", help="ISO 8601 time or date (inclusive)")
+    ratings.add_argument("--until", help="ISO 8601 time (exclusive) or date (inclusive)")
+    ratings.add_argument("--limit", type=int, default=100)
+    ratings.add_argument("--json", action="store_true", help="machine-readable output")
+    ratings.set_defaults(func=cmd_ratings)
+
+    commands.add_parser("openapi", help="print the OpenAPI document").set_defaults(func=cmd_openapi)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as error:
+        print("the configuration has problems:", file=sys.stderr)
+        for problem in error.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+    except Exception as error:  # a last resort: a sentence, not a traceback
+        from sqlalchemy.exc import OperationalError
+
+        if isinstance(error, OperationalError):
+            print(f"the store cannot be reached: {error.orig}", file=sys.stderr)
+            return EXIT_ERROR
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,436 @@
+"""The gateway's configuration: one typed object, built once at start-up.
+
+Sources, weakest first: the built-in defaults (``gateway/defaults.toml``, which is also the
+documented example), the deployment's TOML file, and environment variables
+``GATEWAY_<SECTION>_<KEY>``. Code below this module never reads the environment.
+Every problem is collected and reported at once, in plain words: source, key, what is wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from gateway.rating import KeyMap, KeyMapError
+from gateway.workdays import Period
+
+ENV_PREFIX = "GATEWAY_"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with the configuration, worded for the person who deploys."""
+
+    source: str
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.source}: {self.key}: {self.message}"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; ``problems`` lists every reason."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from ``"90s"``, ``"5m"``, ``"24h"``, ``"1d"``, ``"250ms"`` or a bare number."""
+    if isinstance(text, int | float) and not isinstance(text, bool):
+        return float(text)
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*", str(text))
+    if not match:
+        raise ValueError(f'{text!r} is not a duration; write e.g. "90s", "5m" or "24h"')
+    number, unit = float(match[1]), match[2] or "s"
+    return number * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}[unit]
+
+
+def parse_quiet_hours(text: str) -> tuple[time, time] | None:
+    """``"21:00-08:00"`` → (21:00, 08:00); empty → None (SPEC R3.2)."""
+    if not str(text).strip():
+        return None
+    match = re.fullmatch(r"\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*", str(text))
+    if not match:
+        raise ValueError(f'{text!r} is not a range of hours; write e.g. "21:00-08:00"')
+    h1, m1, h2, m2 = (int(g) for g in match.groups())
+    try:
+        return time(h1, m1), time(h2, m2)
+    except ValueError:
+        raise ValueError(f"{text!r} has an hour or minute out of range") from None
+
+
+def _parse_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in {"1", "true", "yes", "on"}:
+        return True
+    if text in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(f"{value!r} is not true or false")
+
+
+def _parse_int(value: Any) -> int:
+    if isinstance(value, bool | float):
+        raise ValueError(f"{value!r} is not a whole number")
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        raise ValueError(f"{value!r} is not a whole number") from None
+
+
+def _parse_float(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a number")
+    try:
+        return float(str(value).strip())
+    except ValueError:
+        raise ValueError(f"{value!r} is not a number") from None
+
+
+def _parse_str(value: Any) -> str:
+    if isinstance(value, dict | list):
+        raise ValueError("must be a single text value")
+    return str(value)
+
+
+def _port(value: Any) -> int:
+    port = _parse_int(value)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{port} is not a TCP port (0-65535)")
+    return port
+
+
+def _positive_int(value: Any) -> int:
+    number = _parse_int(value)
+    if number < 1:
+        raise ValueError(f"{number} must be at least 1")
+    return number
+
+
+def _positive_float(value: Any) -> float:
+    number = _parse_float(value)
+    if number <= 0:
+        raise ValueError(f"{number} must be greater than 0")
+    return number
+
+
+def _choice(*choices: str) -> Any:
+    def parse(value: Any) -> str:
+        text = str(value).strip().lower()
+        if text not in choices:
+            raise ValueError(f"{value!r} is not one of: {', '.join(choices)}")
+        return text
+
+    return parse
+
+
+def _period(value: Any) -> Period:
+    return Period.parse(str(value))
+
+
+def _opt(parse: Any, doc: str = "") -> Any:
+    return field(metadata={"parse": parse, "doc": doc})
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    data_dir: str = _opt(_parse_str)
+    url: str = _opt(_parse_str)
+    threads: int = _opt(_positive_int)
+
+    @property
+    def effective_url(self) -> str:
+        """The SQLAlchemy URL, with the embedded SQLite default filled in."""
+        if self.url.strip():
+            return self.url.strip()
+        return f"sqlite:///{Path(self.data_dir).resolve() / 'gateway.sqlite3'}"
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    encryption_key: str = _opt(_parse_str)
+    phone_hash_key: str = _opt(_parse_str)
+    default_country_code: str = _opt(_parse_str)
+
+
+@dataclass(frozen=True)
+class CalendarConfig:
+    override_file: str = _opt(_parse_str)
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    enabled: bool = _opt(_parse_bool)
+    host: str = _opt(_parse_str)
+    port: int = _opt(_port)
+    max_body_bytes: int = _opt(_positive_int)
+
+
+@dataclass(frozen=True)
+class AgiConfig:
+    enabled: bool = _opt(_parse_bool)
+    host: str = _opt(_parse_str)
+    port: int = _opt(_port)
+    backlog: int = _opt(_positive_int)
+    wait: float = _opt(parse_duration)
+    max_attempts: int = _opt(_positive_int)
+    prompt_dir: str = _opt(_parse_str)
+    reason_menu: bool = _opt(_parse_bool)
+    voice_comment: bool = _opt(_parse_bool)
+    comment_max: float = _opt(parse_duration)
+    comment_dir: str = _opt(_parse_str)
+    idle_timeout: float = _opt(parse_duration)
+    key_map: KeyMap = _opt(lambda v: KeyMap.from_config(v))
+
+
+@dataclass(frozen=True)
+class SmtpConfig:
+    enabled: bool = _opt(_parse_bool)
+    host: str = _opt(_parse_str)
+    port: int = _opt(_port)
+
+
+@dataclass(frozen=True)
+class SmppConfig:
+    enabled: bool = _opt(_parse_bool)
+    host: str = _opt(_parse_str)
+    port: int = _opt(_port)
+    system_id: str = _opt(_parse_str)
+    password: str = _opt(_parse_str)
+    system_type: str = _opt(_parse_str)
+    source_addr: str = _opt(_parse_str)
+    bind_mode: str = _opt(_choice("transceiver", "transmitter_receiver"))
+    window: int = _opt(_positive_int)
+    rate: float = _opt(_positive_float)
+
+
+@dataclass(frozen=True)
+class SmsConfig:
+    invite_delay: float = _opt(parse_duration)
+    quiet_hours: tuple[time, time] | None = _opt(parse_quiet_hours)
+    reminder_after: float = _opt(parse_duration)
+    default_rating_after: Period = _opt(_period)
+    signature: str = _opt(_parse_str)
+
+
+@dataclass(frozen=True)
+class PlatformConfig:
+    enabled: bool = _opt(_parse_bool)
+    url: str = _opt(_parse_str)
+    app_id: str = _opt(_parse_str)
+    secret: str = _opt(_parse_str)
+    batch_size: int = _opt(_positive_int)
+    timeout: float = _opt(parse_duration)
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = _opt(_choice("debug", "info", "warning", "error"))
+    format: str = _opt(_choice("text", "json"))
+
+
+@dataclass(frozen=True)
+class Config:
+    store: StoreConfig
+    privacy: PrivacyConfig
+    calendar: CalendarConfig
+    http: HttpConfig
+    agi: AgiConfig
+    smtp: SmtpConfig
+    smpp: SmppConfig
+    sms: SmsConfig
+    platform: PlatformConfig
+    log: LogConfig
+    source: str = "built-in defaults"
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.store.data_dir)
+
+
+SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "source"}
+_SECTION_CLASSES = {
+    "store": StoreConfig,
+    "privacy": PrivacyConfig,
+    "calendar": CalendarConfig,
+    "http": HttpConfig,
+    "agi": AgiConfig,
+    "smtp": SmtpConfig,
+    "smpp": SmppConfig,
+    "sms": SmsConfig,
+    "platform": PlatformConfig,
+    "log": LogConfig,
+}
+
+
+def default_values() -> dict[str, dict[str, Any]]:
+    """The built-in defaults, as written in ``gateway/defaults.toml``."""
+    text = resources.files("gateway").joinpath("defaults.toml").read_text(encoding="utf-8")
+    return tomllib.loads(text)
+
+
+def _suggest(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def load_config(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Build the configuration, or raise :class:`ConfigError` listing every problem."""
+    environ = os.environ if environ is None else environ
+    problems: list[Problem] = []
+    merged = default_values()
+    # Keep which source set each key, so a problem names the right place.
+    origin: dict[tuple[str, str], str] = {}
+    source = "built-in defaults"
+
+    if path is not None:
+        source = str(path)
+        try:
+            with open(path, "rb") as handle:
+                user = tomllib.load(handle)
+        except FileNotFoundError:
+            raise ConfigError([Problem(source, "(file)", "the file does not exist")]) from None
+        except OSError as error:
+            raise ConfigError([Problem(source, "(file)", f"cannot be read: {error.strerror}")]) from None
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError([Problem(source, "(file)", f"is not valid TOML: {error}")]) from None
+        except UnicodeDecodeError:
+            raise ConfigError([Problem(source, "(file)", "is not UTF-8 text")]) from None
+        for section, values in user.items():
+            if section not in _SECTION_CLASSES:
+                problems.append(
+                    Problem(source, f"[{section}]", "unknown section" + _suggest(section, list(_SECTION_CLASSES)))
+                )
+                continue
+            if not isinstance(values, dict):
+                problems.append(Problem(source, section, "must be a [section] table"))
+                continue
+            for key, value in values.items():
+                if key not in merged[section]:
+                    problems.append(
+                        Problem(source, f"[{section}] {key}", "unknown key" + _suggest(key, list(merged[section])))
+                    )
+                    continue
+                merged[section][key] = value
+                origin[(section, key)] = source
+
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == "GATEWAY_CONFIG":
+            continue
+        rest = name[len(ENV_PREFIX) :].lower()
+        section = next((s for s in _SECTION_CLASSES if rest.startswith(s + "_")), None)
+        if section is None:
+            continue
+        key = rest[len(section) + 1 :]
+        if key not in merged[section]:
+            problems.append(
+                Problem(
+                    f"environment {name}", f"[{section}] {key}", "unknown key" + _suggest(key, list(merged[section]))
+                )
+            )
+            continue
+        if isinstance(merged[section][key], dict):
+            problems.append(
+                Problem(f"environment {name}", f"[{section}] {key}", "is a table and can only be set in the file")
+            )
+            continue
+        merged[section][key] = value
+        origin[(section, key)] = f"environment {name}"
+
+    sections: dict[str, Any] = {}
+    for section, cls in _SECTION_CLASSES.items():
+        values: dict[str, Any] = {}
+        for fld in dataclasses.fields(cls):
+            raw = merged[section][fld.name]
+            try:
+                values[fld.name] = fld.metadata["parse"](raw)
+            except (ValueError, KeyMapError, TypeError) as error:
+                where = origin.get((section, fld.name), source if path else "built-in defaults")
+                problems.append(Problem(where, f"[{section}] {fld.name}", str(error)))
+        if len(values) == len(dataclasses.fields(cls)):
+            sections[section] = cls(**values)
+
+    problems.extend(_cross_checks(sections, origin, source))
+    if problems:
+        raise ConfigError(problems)
+    return Config(**sections, source=source)
+
+
+def _cross_checks(sections: dict[str, Any], origin: dict[tuple[str, str], str], source: str) -> list[Problem]:
+    """Rules that involve more than one key."""
+    problems: list[Problem] = []
+
+    def where(section: str, key: str) -> str:
+        return origin.get((section, key), source)
+
+    if len(sections) < len(_SECTION_CLASSES):
+        # Fill sections that failed to parse with their defaults, so the other checks still run.
+        defaults = default_values()
+        for name, cls in _SECTION_CLASSES.items():
+            if name not in sections:
+                sections = {
+                    **sections,
+                    name: cls(**{f.name: f.metadata["parse"](defaults[name][f.name]) for f in dataclasses.fields(cls)}),
+                }
+    url = sections["store"].url.strip()
+    if url and not re.match(r"^(sqlite|postgresql)(\+\w+)?://", url):
+        problems.append(
+            Problem(
+                where("store", "url"),
+                "[store] url",
+                f"{url.split('://')[0]!r} is not supported; use sqlite:/// or postgresql+psycopg://",
+            )
+        )
+    platform = sections["platform"]
+    if platform.enabled:
+        for key in ("url", "app_id", "secret"):
+            if not getattr(platform, key).strip():
+                problems.append(
+                    Problem(where("platform", key), f"[platform] {key}", "must be set when [platform] enabled = true")
+                )
+        if platform.url and not re.match(r"^https?://", platform.url):
+            problems.append(
+                Problem(where("platform", "url"), "[platform] url", "must start with https:// (or http:// on loopback)")
+            )
+    smpp = sections["smpp"]
+    if smpp.enabled and not smpp.system_id:
+        problems.append(
+            Problem(where("smpp", "system_id"), "[smpp] system_id", "must be set when [smpp] enabled = true")
+        )
+    listeners = [(s, sections[s]) for s in ("http", "agi", "smtp") if sections[s].enabled]
+    seen: dict[tuple[str, int], str] = {}
+    for name, listener in listeners:
+        address = (listener.host, listener.port)
+        if listener.port and address in seen:
+            problems.append(
+                Problem(where(name, "port"), f"[{name}] port", f"{listener.port} is also used by [{seen[address]}]")
+            )
+        seen[address] = name
+    override = sections["calendar"].override_file
+    if override and not Path(override).is_file():
+        problems.append(
+            Problem(where("calendar", "override_file"), "[calendar] override_file", f"{override} does not exist")
+        )
+    for key in ("encryption_key", "phone_hash_key"):
+        value = getattr(sections["privacy"], key)
+        if value:
+            from gateway.privacy import KeyMaterialError, decode_key
+
+            try:
+                decode_key(value)
+            except KeyMaterialError as error:
+                problems.append(Problem(where("privacy", key), f"[privacy] {key}", str(error)))
+    return problems

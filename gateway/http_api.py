@@ -1,0 +1,371 @@
+"""The HTTP API (twisted.web): health, OpenAPI document, service intake, operators' look-ups.
+
+Every route but ``/health`` and ``/openapi.json`` needs a bearer token whose role may use
+it (SPEC R5.2). Bodies are JSON, bounded in size; errors are JSON sentences that say what is
+wrong and where. Store calls go through :class:`storage.deferred.DeferredStore`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
+from twisted.web import server
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from gateway.intake import FieldError, ServiceRecordInput, parse_service_record, parse_timestamp
+from gateway.openapi import build_openapi
+from storage.deferred import DeferredStore
+
+log = logging.getLogger("gateway.http")
+
+MAX_RECORDS_PER_REQUEST = 1000
+INTAKE_ROLES = frozenset({"intake", "admin"})
+LOOKUP_ROLES = frozenset({"operator", "supervisor", "admin"})
+
+
+class ApiError(Exception):
+    """An error answered to the client as ``{"error": message, "details": [...]}``."""
+
+    def __init__(self, status: int, message: str, details: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.details = details or []
+
+
+class BoundedRequest(Request):
+    """A request that stops buffering a body past the configured limit (answered with 413)."""
+
+    max_body_bytes = 1024 * 1024
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.body_too_large = False
+        self._body_bytes = 0
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > self.max_body_bytes:
+            self.body_too_large = True
+            length = 0
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self._body_bytes += len(data)
+        if self._body_bytes > self.max_body_bytes:
+            self.body_too_large = True
+            return
+        if not self.body_too_large:
+            super().handleContentChunk(data)
+
+
+@dataclass
+class _Route:
+    method: bytes
+    parts: tuple[str, ...]  # "{name}" is a path parameter
+    handler: Callable[..., Any]
+    roles: frozenset[str] | None  # None: no authentication
+
+
+class GatewayApi(Resource):
+    """All routes in one small table; each handler returns (status, JSON-able body)."""
+
+    isLeaf = True
+
+    def __init__(
+        self,
+        store: DeferredStore,
+        reactor: IReactorTime,
+        *,
+        health: Callable[[], defer.Deferred[dict[str, Any]]] | None = None,
+        default_country_code: str = "86",
+        token_cache_seconds: float = 30.0,
+    ) -> None:
+        super().__init__()
+        self.store = store
+        self.reactor = reactor
+        self.default_country_code = default_country_code
+        self._health = health
+        self._token_cache: dict[str, tuple[float, tuple[str, str] | None]] = {}
+        self._token_cache_seconds = token_cache_seconds
+        self._openapi = json.dumps(build_openapi(), ensure_ascii=False).encode()
+        self.routes = [
+            _Route(b"GET", ("health",), self.get_health, None),
+            _Route(b"GET", ("openapi.json",), self.get_openapi, None),
+            _Route(b"POST", ("v1", "service-records"), self.post_service_records, INTAKE_ROLES),
+            _Route(b"GET", ("v1", "service-records", "{id}"), self.get_service_record, INTAKE_ROLES | LOOKUP_ROLES),
+            _Route(b"GET", ("v1", "ratings"), self.get_ratings, LOOKUP_ROLES),
+        ]
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    def render(self, request: Request) -> Any:
+        started = time.monotonic()
+        deferred = defer.maybeDeferred(self._dispatch, request)
+        deferred.addErrback(self._error_body)
+        deferred.addCallback(self._write, request, started)
+        return NOT_DONE_YET
+
+    def _dispatch(self, request: Request) -> Any:
+        if getattr(request, "body_too_large", False):
+            raise ApiError(413, f"the request body is larger than {BoundedRequest.max_body_bytes} bytes")
+        parts = tuple(p.decode("utf-8", "replace") for p in request.postpath if p)
+        allowed: list[bytes] = []
+        for route in self.routes:
+            params = _match(route.parts, parts)
+            if params is None:
+                continue
+            if route.method != request.method:
+                allowed.append(route.method)
+                continue
+            if route.roles is None:
+                return route.handler(request, **params)
+            return self._authenticate(request, route.roles).addCallback(
+                lambda principal, route=route, params=params: route.handler(request, principal=principal, **params)
+            )
+        if allowed:
+            request.setHeader(b"Allow", b", ".join(allowed))
+            raise ApiError(
+                405, f"{request.method.decode()} is not allowed here; use {', '.join(a.decode() for a in allowed)}"
+            )
+        raise ApiError(404, "no such resource; see /openapi.json")
+
+    def _authenticate(self, request: Request, roles: frozenset[str]) -> defer.Deferred[tuple[str, str]]:
+        header = (request.getHeader(b"authorization") or b"").decode("latin-1").strip()
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            request.setHeader(b"WWW-Authenticate", b'Bearer realm="gateway"')
+            return defer.fail(ApiError(401, "missing bearer token: send 'Authorization: Bearer <token>'"))
+        token = token.strip()
+        now = self.reactor.seconds()
+        cached = self._token_cache.get(token)
+        if cached and cached[0] > now:
+            lookup: defer.Deferred[Any] = defer.succeed(cached[1])
+        else:
+            lookup = self.store.call("authenticate", token)
+
+            def remember(principal: Any) -> Any:
+                if len(self._token_cache) > 10000:
+                    self._token_cache.clear()
+                self._token_cache[token] = (now + self._token_cache_seconds, principal)
+                return principal
+
+            lookup.addCallback(remember)
+
+        def check(principal: tuple[str, str] | None) -> tuple[str, str]:
+            if principal is None:
+                request.setHeader(b"WWW-Authenticate", b'Bearer realm="gateway", error="invalid_token"')
+                raise ApiError(401, "the bearer token is unknown or revoked")
+            if principal[0] not in roles:
+                raise ApiError(
+                    403, f"role {principal[0]!r} may not use this; it needs one of: {', '.join(sorted(roles))}"
+                )
+            return principal
+
+        return lookup.addCallback(check)
+
+    def _error_body(self, failure: Failure) -> tuple[int, dict[str, Any]]:
+        if failure.check(ApiError):
+            error: ApiError = failure.value  # type: ignore[assignment]
+            return error.status, {"error": error.message, "details": error.details}
+        log.error("event=http.error error=%s", failure.getErrorMessage(), exc_info=failure.value)
+        return 500, {"error": "internal error; the request was not completed, retry later", "details": []}
+
+    def _write(self, result: tuple[int, Any], request: Request, started: float) -> None:
+        status, body = result
+        if request._disconnected:  # the client went away
+            return
+        request.setResponseCode(status)
+        if isinstance(body, bytes):
+            payload = body
+        else:
+            payload = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+        request.setHeader(b"Content-Type", b"application/json; charset=utf-8")
+        request.setHeader(b"Cache-Control", b"no-store")
+        request.write(payload)
+        request.finish()
+        log.debug(
+            "event=http.request method=%s status=%s ms=%.1f",
+            request.method.decode(),
+            status,
+            (time.monotonic() - started) * 1000,
+        )
+
+    def _json_body(self, request: Request) -> Any:
+        content_type = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
+        if content_type != b"application/json":
+            raise ApiError(415, "send the body as Content-Type: application/json")
+        request.content.seek(0)
+        raw = request.content.read()
+        try:
+            return json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise ApiError(400, "the body is not UTF-8") from None
+        except json.JSONDecodeError as error:
+            raise ApiError(
+                400, f"the body is not valid JSON: {error.msg} at line {error.lineno} column {error.colno}"
+            ) from None
+
+    # -- routes --------------------------------------------------------------------------------
+
+    def get_health(self, request: Request) -> Any:
+        if self._health is None:
+            return 200, {"status": "ok", "components": {}}
+
+        def answer(report: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+            return (200 if report["status"] == "ok" else 503), report
+
+        return self._health().addCallback(answer)
+
+    def get_openapi(self, request: Request) -> tuple[int, bytes]:
+        return 200, self._openapi
+
+    def post_service_records(self, request: Request, principal: tuple[str, str]) -> Any:
+        """One record, or ``{"records": [...]}`` (SPEC R1.3); idempotent on each record's id."""
+        body = self._json_body(request)
+        now = datetime.fromtimestamp(self.reactor.seconds()).astimezone()
+        single = isinstance(body, dict) and "records" not in body
+        if single:
+            items = [body]
+        elif isinstance(body, dict) and isinstance(body.get("records"), list):
+            extra = sorted(set(body) - {"records"})
+            if extra:
+                raise ApiError(422, f"unknown field(s) beside records: {', '.join(extra)}")
+            items = body["records"]
+            if not items:
+                raise ApiError(422, "records is empty")
+            if len(items) > MAX_RECORDS_PER_REQUEST:
+                raise ApiError(413, f"at most {MAX_RECORDS_PER_REQUEST} records per request")
+        else:
+            raise ApiError(422, 'the body must be a service record object or {"records": [ ... ]}')
+
+        parsed: list[ServiceRecordInput] = []
+        outcome: list[dict[str, Any]] = []
+        for index, item in enumerate(items):
+            if not isinstance(item, dict):
+                outcome.append(
+                    {
+                        "index": index,
+                        "id": None,
+                        "status": "rejected",
+                        "errors": [{"field": "(record)", "message": "must be a JSON object"}],
+                    }
+                )
+                continue
+            result = parse_service_record(item, now=now, default_country_code=self.default_country_code)
+            record_id = item.get("id") if isinstance(item.get("id"), str) else None
+            if isinstance(result, list):
+                outcome.append({"index": index, "id": record_id, "status": "rejected", "errors": _errors(result)})
+            else:
+                parsed.append(result)
+                outcome.append({"index": index, "id": result.id, "status": None, "errors": []})
+
+        def merge(results: list[Any]) -> tuple[int, dict[str, Any]]:
+            stored = iter(results)
+            for entry in outcome:
+                if entry["status"] is None:
+                    result = next(stored)
+                    entry["status"] = result.status
+                    if result.reason:
+                        field, _, message = result.reason.partition(": ")
+                        entry["errors"] = [{"field": field, "message": message}]
+            if single:
+                entry = outcome[0]
+                status = {"created": 201, "updated": 200, "unchanged": 200}.get(entry["status"], 422)
+                del entry["index"]
+                return status, entry
+            counts = {
+                k: sum(1 for e in outcome if e["status"] == k) for k in ("created", "updated", "unchanged", "rejected")
+            }
+            return 200, {"counts": counts, "results": outcome}
+
+        if not parsed:
+            return merge([])
+        return self.store.call("upsert_service_records", parsed).addCallback(merge)
+
+    def get_service_record(self, request: Request, principal: tuple[str, str], id: str) -> Any:
+        def answer(record: dict[str, Any] | None) -> tuple[int, Any]:
+            if record is None:
+                raise ApiError(404, f"no service record with id {id!r}")
+            return 200, record
+
+        return self.store.call("get_service_record", id).addCallback(answer)
+
+    def get_ratings(self, request: Request, principal: tuple[str, str]) -> Any:
+        """Operators' look-up of the ratings linked to a call, work order, agent or record."""
+        args = {k.decode(): v[0].decode("utf-8", "replace") for k, v in request.args.items() if v}
+        known = {"call_id", "linked_id", "work_order", "agent", "service_id", "from", "to", "limit", "offset"}
+        unknown = sorted(set(args) - known)
+        if unknown:
+            raise ApiError(400, f"unknown query parameter(s): {', '.join(unknown)}")
+        filters = {
+            "call_id": args.get("call_id"),
+            "linked_id": args.get("linked_id"),
+            "work_order": args.get("work_order"),
+            "agent_id": args.get("agent"),
+            "service_id": args.get("service_id"),
+        }
+        if not any(filters.values()):
+            raise ApiError(400, "give at least one of call_id, linked_id, work_order, agent, service_id")
+        for name, key in (("from", "since"), ("to", "until")):
+            if name in args:
+                try:
+                    moment = parse_timestamp(args[name])
+                except ValueError as error:
+                    raise ApiError(400, f"{name}: {error}") from None
+                if name == "to" and len(args[name].strip()) == 10:
+                    moment += timedelta(days=1)  # a date alone means the whole day
+                filters[key] = moment  # type: ignore[assignment]
+        limit = _int_arg(args, "limit", 100, 1, 1000)
+        offset = _int_arg(args, "offset", 0, 0, 10**9)
+
+        def answer(rows: list[Any]) -> tuple[int, dict[str, Any]]:
+            return 200, {"ratings": [row.as_json() for row in rows], "limit": limit, "offset": offset}
+
+        return self.store.call("find_ratings", **filters, limit=limit, offset=offset).addCallback(answer)
+
+
+def _match(pattern: tuple[str, ...], parts: tuple[str, ...]) -> dict[str, str] | None:
+    if len(pattern) != len(parts):
+        return None
+    params: dict[str, str] = {}
+    for want, got in zip(pattern, parts, strict=True):
+        if want.startswith("{"):
+            params[want[1:-1]] = got
+        elif want != got:
+            return None
+    return params
+
+
+def _errors(errors: list[FieldError]) -> list[dict[str, str]]:
+    return [{"field": e.field, "message": e.message} for e in errors]
+
+
+def _int_arg(args: dict[str, str], name: str, default: int, low: int, high: int) -> int:
+    if name not in args:
+        return default
+    try:
+        value = int(args[name])
+    except ValueError:
+        raise ApiError(400, f"{name} must be a whole number") from None
+    if not low <= value <= high:
+        raise ApiError(400, f"{name} must be between {low} and {high}")
+    return value
+
+
+def make_site(api: GatewayApi, max_body_bytes: int) -> server.Site:
+    """A Site whose requests refuse bodies over ``max_body_bytes``."""
+    request_class = type("GatewayRequest", (BoundedRequest,), {"max_body_bytes": max_body_bytes})
+    site = server.Site(api, requestFactory=request_class)
+    site.displayTracebacks = False
+    site.noisy = False
+    return site

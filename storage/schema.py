@@ -1,0 +1,237 @@
+"""The shared evaluation store's tables (SQLAlchemy Core).
+
+One schema for SQLite and PostgreSQL; Alembic migrations in ``storage/migrations`` create it.
+Personal data never appears in clear: ``*_enc`` columns hold AES-GCM ciphertext and
+``*_hash`` columns the keyed lookup hash (SPEC R5.1); ``*_masked`` is what operators see.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    SmallInteger,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+    text,
+)
+
+# SQLite needs INTEGER PRIMARY KEY for its rowid alias; PostgreSQL gets a BIGINT identity.
+Id = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware datetimes, stored as UTC on every backend.
+
+    SQLite keeps no zone, so values are normalised to naive UTC on the way in and given
+    their zone back on the way out; naive input is refused, never guessed.
+    """
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the store; attach a time zone")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+    }
+)
+
+service_records = Table(
+    "service_records",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    # The id given by the system that reported the service (idempotency key of the intake).
+    Column("external_id", String(64), nullable=False, unique=True),
+    Column("kind", String(8), nullable=False),  # call | matter (SPEC R1.3)
+    Column("completed_at", UTCDateTime(), nullable=True),
+    Column("mobile_enc", LargeBinary, nullable=True),
+    Column("mobile_hash", String(64), nullable=True, index=True),
+    Column("mobile_masked", String(20), nullable=True),
+    Column("email_enc", LargeBinary, nullable=True),
+    Column("email_hash", String(64), nullable=True, index=True),
+    Column("matter_code", String(64), nullable=True, index=True),
+    Column("matter_name", String(200), nullable=True),
+    Column("department_code", String(64), nullable=True, index=True),
+    Column("department_name", String(200), nullable=True),
+    Column("agent_id", String(64), nullable=True, index=True),
+    Column("work_order", String(64), nullable=True, index=True),
+    Column("batch_id", String(64), nullable=True, index=True),
+    Column("theme_id", String(64), nullable=True, index=True),
+    Column("call_id", String(64), nullable=True, index=True),  # Asterisk UNIQUEID
+    Column("linked_id", String(64), nullable=True, index=True),  # Asterisk LINKEDID
+    Column("queue", String(64), nullable=True),
+    Column("applicant_type", String(2), nullable=True),  # PLATFORM.md userProp
+    Column("area_code", String(12), nullable=True),
+    # Why a call ended without a rating (SPEC R2.3): timeout | invalid | hangup | error.
+    Column("unrated_reason", String(16), nullable=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+)
+
+ratings = Table(
+    "ratings",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    # Stable id pushed to the platform (PLATFORM.md recordId), e.g. "ev-01J…".
+    Column("record_id", String(64), nullable=False, unique=True),
+    Column("service_record_id", Id, ForeignKey("service_records.id"), nullable=False, index=True),
+    Column("level", SmallInteger, nullable=False),  # SPEC R1.2 score code, 5 = 非常满意
+    Column("channel", String(16), nullable=False),
+    Column("raw_input", Text, nullable=True),  # the key or the text as given (SPEC R1.2)
+    Column("comment", Text, nullable=True),
+    Column("reasons", String(100), nullable=True),  # comma-separated (SPEC R2.5)
+    Column("voice_comment_ref", String(300), nullable=True),
+    Column("is_default", Boolean, nullable=False, default=False),  # SPEC R3.4
+    Column("is_follow_up", Boolean, nullable=False, default=False),  # SPEC R4.5
+    Column("is_attempt", Boolean, nullable=False, default=False),  # SPEC R1.4: kept, not counted
+    Column("overall", Boolean, nullable=False, default=False),  # SPEC R1.6 theme overall rating
+    Column("parent_rating_id", Id, ForeignKey("ratings.id"), nullable=True),
+    Column("visit_id", String(64), nullable=False, default="", server_default=""),  # SPEC R1.4 一次一评 at a window
+    Column("review_flags", String(200), nullable=True),  # SPEC R5.3, for review, never dropped
+    Column("rated_at", UTCDateTime(), nullable=False, index=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    # SPEC R1.4: one counted rating per record (and visit); a race between two instances ends
+    # in an integrity error here, and the loser is kept as an attempt.
+    Index(
+        "uq_ratings_counted",
+        "service_record_id",
+        "visit_id",
+        unique=True,
+        sqlite_where=text("is_attempt = 0 AND is_follow_up = 0"),
+        postgresql_where=text("NOT is_attempt AND NOT is_follow_up"),
+    ),
+)
+
+invitations = Table(
+    "invitations",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("service_record_id", Id, ForeignKey("service_records.id"), nullable=False, index=True),
+    Column("channel", String(8), nullable=False),  # sms | email | voice
+    Column("extension_code", String(8), nullable=True, index=True),  # SPEC R3.6 扩展码
+    Column("token", String(64), nullable=True, unique=True),  # SPEC R3.9 e-mail reply token
+    Column("status", String(16), nullable=False),  # scheduled | sent | reminded | rated | closed | failed
+    Column("send_after", UTCDateTime(), nullable=False, index=True),
+    Column("sent_at", UTCDateTime(), nullable=True),
+    Column("reminder_after", UTCDateTime(), nullable=True),
+    Column("reminded_at", UTCDateTime(), nullable=True),
+    Column("closes_at", UTCDateTime(), nullable=True),  # default rating due (SPEC R3.4)
+    Column("claimed_by", String(64), nullable=True),
+    Column("claimed_until", UTCDateTime(), nullable=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+)
+
+messages = Table(
+    "messages",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("invitation_id", Id, ForeignKey("invitations.id"), nullable=True, index=True),
+    Column("direction", String(4), nullable=False),  # out | in
+    Column("kind", String(16), nullable=False),  # invitation | reminder | reply | receipt | notice
+    Column("phone_enc", LargeBinary, nullable=True),
+    Column("phone_hash", String(64), nullable=True, index=True),
+    Column("body", Text, nullable=False),
+    Column("status", String(16), nullable=False),  # queued | submitted | delivered | failed | received
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("smsc_ids", JSON, nullable=True),  # per part (SPEC R3.7)
+    Column("error", Text, nullable=True),
+    Column("send_after", UTCDateTime(), nullable=True, index=True),
+    Column("claimed_by", String(64), nullable=True),
+    Column("claimed_until", UTCDateTime(), nullable=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+)
+
+bad_rating_cases = Table(
+    "bad_rating_cases",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("case_no", String(32), nullable=False, unique=True),
+    Column("rating_id", Id, ForeignKey("ratings.id"), nullable=False, unique=True),
+    Column("status", String(24), nullable=False),  # PLATFORM.md case statuses
+    Column("version", Integer, nullable=False),
+    Column("contact_due", UTCDateTime(), nullable=False),  # SPEC R4.2
+    Column("rectify_due", UTCDateTime(), nullable=False),
+    Column("feedback_due", UTCDateTime(), nullable=False),
+    Column("note", Text, nullable=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+)
+
+opt_outs = Table(
+    "opt_outs",
+    metadata,
+    Column("phone_hash", String(64), primary_key=True),  # SPEC R3.8, permanent
+    Column("channel", String(8), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+)
+
+outbox = Table(
+    "outbox",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    # The platform's idempotency key (PLATFORM.md recordId): the same on every retry.
+    Column("record_id", String(64), nullable=False, unique=True),
+    Column("record_type", String(16), nullable=False),  # evaluation | case
+    Column("rating_id", Id, ForeignKey("ratings.id"), nullable=True),
+    Column("case_id", Id, ForeignKey("bad_rating_cases.id"), nullable=True),
+    Column("status", String(12), nullable=False),  # pending | pushed | rejected
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", UTCDateTime(), nullable=False),
+    Column("last_error", Text, nullable=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("pushed_at", UTCDateTime(), nullable=True),
+    Index("ix_outbox_due", "status", "next_attempt_at"),
+)
+
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("at", UTCDateTime(), nullable=False, index=True),
+    Column("actor", String(100), nullable=False),
+    Column("action", String(50), nullable=False),
+    Column("subject", String(200), nullable=True),
+    Column("detail", JSON, nullable=True),
+)
+
+api_tokens = Table(
+    "api_tokens",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("token_hash", String(64), nullable=False, unique=True),
+    Column("role", String(16), nullable=False),
+    Column("name", String(100), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("revoked_at", UTCDateTime(), nullable=True),
+)

@@ -1,0 +1,477 @@
+"""The shared evaluation store: every channel writes here, the pusher reads from here.
+
+Synchronous SQLAlchemy Core on purpose: calls are short transactions that run in worker
+threads (see :mod:`storage.deferred`), never on the Twisted reactor. The same code serves
+SQLite (the embedded default, in WAL mode) and PostgreSQL (several gateway instances).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, and_, create_engine, event, func, insert, select, text, update
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
+
+from gateway.intake import ServiceRecordInput
+from gateway.privacy import DataProtector, mask_phone
+from gateway.rating import Channel, Level
+from storage import ids
+from storage.schema import (
+    api_tokens,
+    audit_log,
+    bad_rating_cases,
+    outbox,
+    ratings,
+    service_records,
+)
+
+ROLES = ("operator", "supervisor", "platform", "admin", "intake")
+
+# Fields of a service record that the intake may set, besides the personal ones.
+_PLAIN_FIELDS = (
+    "kind",
+    "completed_at",
+    "matter_code",
+    "matter_name",
+    "department_code",
+    "department_name",
+    "agent_id",
+    "work_order",
+    "batch_id",
+    "theme_id",
+    "call_id",
+    "linked_id",
+    "queue",
+    "applicant_type",
+    "area_code",
+)
+
+
+_DERIVED = ("mobile_enc", "mobile_masked", "email_enc")
+
+
+class StoreError(Exception):
+    """A request the store refuses, worded for the caller."""
+
+
+@dataclass(frozen=True)
+class IntakeResult:
+    id: str
+    status: str  # created | updated | unchanged | rejected
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class StoredRating:
+    """A rating as the store returns it to operators (phone masked, SPEC R5.1)."""
+
+    record_id: str
+    level: Level
+    channel: str
+    raw_input: str | None
+    comment: str | None
+    reasons: str | None
+    is_default: bool
+    is_follow_up: bool
+    is_attempt: bool
+    rated_at: datetime
+    service_id: str
+    kind: str
+    call_id: str | None
+    linked_id: str | None
+    work_order: str | None
+    agent_id: str | None
+    matter_code: str | None
+    department_code: str | None
+    mobile_masked: str | None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "recordId": self.record_id,
+            "level": int(self.level),
+            "levelName": self.level.chinese_name,
+            "channel": self.channel,
+            "rawInput": self.raw_input,
+            "comment": self.comment,
+            "reasons": self.reasons.split(",") if self.reasons else [],
+            "isDefault": self.is_default,
+            "isFollowUp": self.is_follow_up,
+            "isAttempt": self.is_attempt,
+            "ratedAt": self.rated_at.isoformat(),
+            "service": {
+                "id": self.service_id,
+                "kind": self.kind,
+                "callId": self.call_id,
+                "linkedId": self.linked_id,
+                "workOrder": self.work_order,
+                "agentId": self.agent_id,
+                "matterCode": self.matter_code,
+                "departmentCode": self.department_code,
+                "mobileMasked": self.mobile_masked,
+            },
+        }
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def make_engine(url: str, *, threads: int = 8) -> Engine:
+    """An engine tuned for the store: WAL and a busy timeout on SQLite, a pool on PostgreSQL."""
+    if url.startswith("sqlite"):
+        database = url.split("///", 1)[1] if "///" in url else ""
+        if database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")  # durable across a process crash in WAL
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+        return engine
+    return create_engine(url, pool_size=threads, max_overflow=threads, pool_pre_ping=True)
+
+
+class Store:
+    """Short transactions on the evaluation store."""
+
+    def __init__(self, engine: Engine, protector: DataProtector) -> None:
+        self.engine = engine
+        self.protector = protector
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.engine.dialect.name == "sqlite"
+
+    # -- health -------------------------------------------------------------------------------
+
+    def ping(self) -> None:
+        with self.engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+
+    # -- service intake (SPEC R1.3) -----------------------------------------------------------
+
+    def upsert_service_records(self, records: Sequence[ServiceRecordInput]) -> list[IntakeResult]:
+        """Create or update records by the caller's ids, idempotently.
+
+        A known record is updated with the fields now known (an empty field never erases
+        what was known); its kind cannot change. Repeating a request changes nothing.
+        """
+        now = utcnow()
+        # An id reported twice in one call is applied in order: split into groups of unique ids.
+        groups: list[dict[str, ServiceRecordInput]] = [{}]
+        for record in records:
+            if record.id in groups[-1]:
+                groups.append({})
+            groups[-1][record.id] = record
+        results: list[IntakeResult] = []
+        with self.engine.begin() as connection:
+            for group in groups:
+                results.extend(self._upsert_group(connection, group, now))
+        return results
+
+    def _upsert_group(
+        self, connection: Connection, group: dict[str, ServiceRecordInput], now: datetime
+    ) -> list[IntakeResult]:
+        results: list[IntakeResult] = []
+        existing = self._existing_records(connection, list(group))
+        new_rows: list[dict[str, Any]] = []
+        for record in group.values():
+            row = self._row_for(record)
+            known = existing.get(record.id)
+            if known is None:
+                new_rows.append({**row, "external_id": record.id, "created_at": now, "updated_at": now})
+                results.append(IntakeResult(record.id, "created"))
+                continue
+            if known["kind"] != record.kind.value:
+                results.append(
+                    IntakeResult(record.id, "rejected", f"kind: is {known['kind']} already and cannot change")
+                )
+                continue
+            changes = {k: v for k, v in row.items() if v is not None and k not in _DERIVED and known[k] != v}
+            # Ciphertexts differ on every write: compare the lookup hashes instead.
+            if "mobile_hash" in changes:
+                changes.update(mobile_enc=row["mobile_enc"], mobile_masked=row["mobile_masked"])
+            if "email_hash" in changes:
+                changes["email_enc"] = row["email_enc"]
+            if not changes:
+                results.append(IntakeResult(record.id, "unchanged"))
+                continue
+            changes["updated_at"] = now
+            connection.execute(update(service_records).where(service_records.c.id == known["id"]).values(**changes))
+            results.append(IntakeResult(record.id, "updated"))
+        if new_rows:
+            connection.execute(insert(service_records), new_rows)
+        return results
+
+    def _existing_records(self, connection: Connection, external_ids: list[str]) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        for start in range(0, len(external_ids), 500):
+            chunk = external_ids[start : start + 500]
+            rows = connection.execute(
+                select(service_records).where(service_records.c.external_id.in_(chunk))
+            ).mappings()
+            found.update({row["external_id"]: row for row in rows})
+        return found
+
+    def _row_for(self, record: ServiceRecordInput) -> dict[str, Any]:
+        row: dict[str, Any] = {name: getattr(record, name) for name in _PLAIN_FIELDS}
+        row["kind"] = record.kind.value
+        row["applicant_type"] = record.applicant_type.value if record.applicant_type else None
+        row["mobile_enc"] = row["mobile_hash"] = row["mobile_masked"] = None
+        row["email_enc"] = row["email_hash"] = None
+        if record.mobile:
+            row["mobile_enc"] = self.protector.encrypt(record.mobile)
+            row["mobile_hash"] = self.protector.lookup_hash(record.mobile)
+            row["mobile_masked"] = mask_phone(record.mobile)
+        if record.email:
+            row["email_enc"] = self.protector.encrypt(record.email)
+            row["email_hash"] = self.protector.lookup_hash(record.email.lower())
+        return row
+
+    def get_service_record(self, external_id: str) -> dict[str, Any] | None:
+        """One record, personal data masked (SPEC R5.1)."""
+        with self.engine.connect() as connection:
+            row = (
+                connection.execute(select(service_records).where(service_records.c.external_id == external_id))
+                .mappings()
+                .first()
+            )
+        if row is None:
+            return None
+        return {
+            "id": row["external_id"],
+            "kind": row["kind"],
+            "completedAt": row["completed_at"].isoformat() if row["completed_at"] else None,
+            "mobileMasked": row["mobile_masked"],
+            "hasEmail": row["email_enc"] is not None,
+            **{_camel(name): row[name] for name in _PLAIN_FIELDS if name not in ("kind", "completed_at")},
+            "unratedReason": row["unrated_reason"],
+        }
+
+    def count_service_records(self) -> int:
+        with self.engine.connect() as connection:
+            return int(connection.execute(select(func.count()).select_from(service_records)).scalar_one())
+
+    # -- ratings (SPEC R1.4, R1.7) -------------------------------------------------------------
+
+    def find_or_create_call_record(
+        self, connection: Connection, *, call_id: str, linked_id: str | None, fields: dict[str, Any]
+    ) -> int:
+        """The service record of a hotline call, created from the AGI hand-off if unknown."""
+        row = connection.execute(select(service_records.c.id).where(service_records.c.external_id == call_id)).first()
+        if row is not None:
+            return int(row[0])
+        now = utcnow()
+        values = {
+            "external_id": call_id,
+            "kind": "call",
+            "call_id": call_id,
+            "linked_id": linked_id,
+            "completed_at": now,
+            "created_at": now,
+            "updated_at": now,
+            **{k: v for k, v in fields.items() if v},
+        }
+        try:
+            with connection.begin_nested():
+                return int(connection.execute(insert(service_records).values(**values)).inserted_primary_key[0])
+        except IntegrityError:
+            row = connection.execute(select(service_records.c.id).where(service_records.c.external_id == call_id)).one()
+            return int(row[0])
+
+    def add_rating(
+        self,
+        connection: Connection,
+        *,
+        service_record_id: int,
+        level: Level,
+        channel: Channel,
+        raw_input: str | None,
+        rated_at: datetime,
+        comment: str | None = None,
+        reasons: str | None = None,
+        is_default: bool = False,
+    ) -> tuple[int, str, bool]:
+        """Insert a rating; the first counts, later ones are kept as attempts (SPEC R1.4).
+
+        Every counted rating goes to the outbox in the same transaction (SPEC R7.1), so a
+        stored rating is a rating that will be pushed. Returns (row id, record id, counted).
+        """
+        record_id = ids.new_id("ev")
+        values = {
+            "record_id": record_id,
+            "service_record_id": service_record_id,
+            "level": int(level),
+            "channel": channel.value,
+            "raw_input": raw_input,
+            "comment": comment,
+            "reasons": reasons,
+            "is_default": is_default,
+            "rated_at": rated_at,
+            "created_at": utcnow(),
+        }
+        try:
+            with connection.begin_nested():
+                rating_id = int(connection.execute(insert(ratings).values(**values)).inserted_primary_key[0])
+            counted = True
+        except IntegrityError:
+            rating_id = int(
+                connection.execute(insert(ratings).values(**values, is_attempt=True)).inserted_primary_key[0]
+            )
+            counted = False
+        if counted:
+            connection.execute(
+                insert(outbox).values(
+                    record_id=record_id,
+                    record_type="evaluation",
+                    rating_id=rating_id,
+                    status="pending",
+                    attempts=0,
+                    next_attempt_at=values["created_at"],
+                    created_at=values["created_at"],
+                )
+            )
+        return rating_id, record_id, counted
+
+    def find_ratings(
+        self,
+        *,
+        call_id: str | None = None,
+        linked_id: str | None = None,
+        work_order: str | None = None,
+        agent_id: str | None = None,
+        service_id: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[StoredRating]:
+        """Ratings linked to a call, work order, agent or service record (operators' view)."""
+        s, r = service_records.c, ratings.c
+        conditions = []
+        for column, value in (
+            (s.call_id, call_id),
+            (s.linked_id, linked_id),
+            (s.work_order, work_order),
+            (s.agent_id, agent_id),
+            (s.external_id, service_id),
+        ):
+            if value is not None:
+                conditions.append(column == value)
+        if since is not None:
+            conditions.append(r.rated_at >= since)
+        if until is not None:
+            conditions.append(r.rated_at < until)
+        query = (
+            select(
+                ratings,
+                s.external_id,
+                s.kind,
+                s.call_id,
+                s.linked_id,
+                s.work_order,
+                s.agent_id,
+                s.matter_code,
+                s.department_code,
+                s.mobile_masked,
+            )
+            .join(service_records, r.service_record_id == s.id)
+            .where(and_(*conditions))
+            .order_by(r.rated_at, r.id)
+            .limit(limit)
+            .offset(offset)
+        )
+        with self.engine.connect() as connection:
+            rows = connection.execute(query).mappings().all()
+        return [
+            StoredRating(
+                record_id=row["record_id"],
+                level=Level(row["level"]),
+                channel=row["channel"],
+                raw_input=row["raw_input"],
+                comment=row["comment"],
+                reasons=row["reasons"],
+                is_default=row["is_default"],
+                is_follow_up=row["is_follow_up"],
+                is_attempt=row["is_attempt"],
+                rated_at=row["rated_at"],
+                service_id=row["external_id"],
+                kind=row["kind"],
+                call_id=row["call_id"],
+                linked_id=row["linked_id"],
+                work_order=row["work_order"],
+                agent_id=row["agent_id"],
+                matter_code=row["matter_code"],
+                department_code=row["department_code"],
+                mobile_masked=row["mobile_masked"],
+            )
+            for row in rows
+        ]
+
+    # -- API tokens (SPEC R5.2) ----------------------------------------------------------------
+
+    def create_token(self, role: str, name: str) -> str:
+        """A new bearer token; only its hash is kept, so it is shown once."""
+        if role not in ROLES:
+            raise StoreError(f"role {role!r} is not one of {', '.join(ROLES)}")
+        token = "hcp_" + secrets.token_urlsafe(32)
+        with self.engine.begin() as connection:
+            connection.execute(
+                insert(api_tokens).values(token_hash=_token_hash(token), role=role, name=name, created_at=utcnow())
+            )
+            self._audit(connection, "cli", "token.create", name, {"role": role})
+        return token
+
+    def authenticate(self, token: str) -> tuple[str, str] | None:
+        """(role, token name) for a valid bearer token, else None."""
+        with self.engine.connect() as connection:
+            row = connection.execute(
+                select(api_tokens.c.role, api_tokens.c.name).where(
+                    api_tokens.c.token_hash == _token_hash(token), api_tokens.c.revoked_at.is_(None)
+                )
+            ).first()
+        return (row[0], row[1]) if row else None
+
+    # -- audit (SPEC R5.1) ---------------------------------------------------------------------
+
+    def audit(self, actor: str, action: str, subject: str | None, detail: dict[str, Any] | None = None) -> None:
+        with self.engine.begin() as connection:
+            self._audit(connection, actor, action, subject, detail)
+
+    def _audit(
+        self, connection: Connection, actor: str, action: str, subject: str | None, detail: dict[str, Any] | None
+    ) -> None:
+        connection.execute(
+            insert(audit_log).values(at=utcnow(), actor=actor, action=action, subject=subject, detail=detail)
+        )
+
+    def table_counts(
+        self, tables: Iterable[str] = ("service_records", "ratings", "outbox", "bad_rating_cases")
+    ) -> dict[str, int]:
+        known = {t.name: t for t in (service_records, ratings, outbox, bad_rating_cases)}
+        with self.engine.connect() as connection:
+            return {
+                name: int(connection.execute(select(func.count()).select_from(known[name])).scalar_one())
+                for name in tables
+            }
+
+
+def _token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.title() for part in rest)

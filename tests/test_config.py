@@ -1,0 +1,103 @@
+"""Configuration: built-in defaults, the TOML file, GATEWAY_<SECTION>_<KEY>, every problem reported."""
+
+from __future__ import annotations
+
+from datetime import time
+from pathlib import Path
+
+import pytest
+
+from gateway.cli import main
+from gateway.config import ConfigError, load_config, parse_duration
+from gateway.rating import Level
+from gateway.workdays import Period
+
+
+def test_embedded_defaults_serve_without_a_file() -> None:
+    config = load_config(None, environ={})
+    assert (config.http.host, config.http.port) == ("127.0.0.1", 8080)
+    assert (config.agi.host, config.agi.port) == ("127.0.0.1", 4573)
+    assert (config.smtp.host, config.smtp.port) == ("127.0.0.1", 2525)
+    assert config.store.effective_url.startswith("sqlite:///") and config.store.effective_url.endswith(
+        "gateway.sqlite3"
+    )
+    assert config.sms.quiet_hours == (time(21, 0), time(8, 0))
+    assert config.sms.default_rating_after == Period("working", 5)
+    assert config.agi.key_map.level_for("1") is Level.VERY_SATISFIED
+    assert config.agi.wait == 5.0
+
+
+def test_environment_overrides_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text('[http]\nport = 9000\n[smpp]\nhost = "10.0.0.1"\n', encoding="utf-8")
+    config = load_config(
+        path,
+        environ={
+            "GATEWAY_HTTP_PORT": "9100",
+            "GATEWAY_STORE_URL": "sqlite:///x.db",
+            "GATEWAY_AGI_PORT": "4600",
+            "GATEWAY_SMPP_HOST": "127.0.0.2",
+            "GATEWAY_SMS_QUIET_HOURS": "",
+        },
+    )
+    assert config.http.port == 9100
+    assert config.store.effective_url == "sqlite:///x.db"
+    assert config.agi.port == 4600
+    assert config.smpp.host == "127.0.0.2"
+    assert config.sms.quiet_hours is None
+
+
+def test_every_problem_is_reported_with_source_key_and_reason(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(
+        '[http]\nprot = 1\n[agi]\nwait = "5 parsecs"\nport = 70000\n[sms]\nquiet_hours = "9pm"\n'
+        "[platform]\nenabled = true\n[colour]\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, environ={"GATEWAY_HTTP_MAX_BODY_BYTES": "-1"})
+    text = str(caught.value)
+    for expected in (
+        f"{path}: [http] prot: unknown key; did you mean 'port'?",
+        f"{path}: [agi] wait: '5 parsecs' is not a duration",
+        f"{path}: [agi] port: 70000 is not a TCP port",
+        f"{path}: [sms] quiet_hours: '9pm' is not a range of hours",
+        f"{path}: [colour]: unknown section",
+        "[platform] url: must be set when [platform] enabled = true",
+        "environment GATEWAY_HTTP_MAX_BODY_BYTES: [http] max_body_bytes: -1 must be at least 1",
+    ):
+        assert expected in text
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [("[http\nport=1", "is not valid TOML"), ("\xff\xfe", "not UTF-8"), (None, "does not exist")],
+)
+def test_unreadable_files_get_one_clear_sentence(tmp_path: Path, content: str | None, words: str) -> None:
+    path = tmp_path / "gateway.toml"
+    if content is not None:
+        path.write_bytes(content.encode("latin-1"))
+    with pytest.raises(ConfigError, match=words):
+        load_config(path, environ={})
+
+
+def test_config_check_command_exits_non_zero_and_lists_problems(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text("[agi]\nkey_map = { 1 = 5, 2 = 5, 3 = 3, 4 = 2, 5 = 1 }\n[http]\nport = 'x'\n", encoding="utf-8")
+    assert main(["--config", str(path), "config", "check"]) == 1
+    err = capsys.readouterr().err
+    assert "[agi] key_map: the key map must give each of the five levels exactly one key" in err
+    assert "[http] port: 'x' is not a whole number" in err
+    good = tmp_path / "good.toml"
+    good.write_text(f'[store]\ndata_dir = "{tmp_path}"\n', encoding="utf-8")
+    assert main(["--config", str(good), "config", "check"]) == 0
+    assert "configuration OK" in capsys.readouterr().out
+
+
+def test_durations() -> None:
+    assert parse_duration("90s") == 90 and parse_duration("5m") == 300 and parse_duration("24h") == 86400
+    assert parse_duration("250ms") == 0.25 and parse_duration(3) == 3.0
+    with pytest.raises(ValueError, match="not a duration"):
+        parse_duration("soon")

@@ -1,0 +1,207 @@
+"""``gateway run`` as a real process on loopback: health, intake API, bad input, SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class RunningGateway:
+    process: subprocess.Popen[bytes]
+    base: str
+    env: dict[str, str]
+    log: Path
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        token: str | None = None,
+        raw: bytes | None = None,
+        content_type: str = "application/json",
+    ) -> tuple[int, Any]:
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        request = urllib.request.Request(self.base + path, data=data, method=method)
+        if data is not None:
+            request.add_header("Content-Type", content_type)
+        if token:
+            request.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read() or b"null")
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "gateway", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+
+def start_gateway(tmp_path: Path, extra_env: dict[str, str] | None = None) -> RunningGateway:
+    port = free_port()
+    env = {
+        **os.environ,
+        "GATEWAY_STORE_DATA_DIR": str(tmp_path / "data"),
+        "GATEWAY_HTTP_PORT": str(port),
+        "GATEWAY_AGI_PORT": str(free_port()),
+        **(extra_env or {}),
+    }
+    log = tmp_path / "gateway.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "run"],
+        env=env,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
+    gateway = RunningGateway(process, f"http://127.0.0.1:{port}", env, log)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"gateway exited with {process.returncode}:\n{log.read_text()}")
+        try:
+            if gateway.request("GET", "/health")[0] == 200:
+                return gateway
+        except OSError:
+            time.sleep(0.1)
+    process.kill()
+    raise AssertionError(f"gateway did not answer /health within 30 s:\n{log.read_text()}")
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway]:
+    running = start_gateway(tmp_path_factory.mktemp("gateway"))
+    yield running
+    running.process.send_signal(signal.SIGTERM)
+    running.process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def intake_token(gateway: RunningGateway) -> str:
+    result = gateway.cli("token", "create", "--role", "intake", "--name", "crm")
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_health_reports_each_component(gateway: RunningGateway) -> None:
+    status, body = gateway.request("GET", "/health")
+    assert status == 200
+    assert body["status"] == "ok" and body["components"]["store"]["status"] == "ok"
+
+
+def test_openapi_document_is_served_and_equals_the_one_in_docs(gateway: RunningGateway) -> None:
+    status, body = gateway.request("GET", "/openapi.json")
+    assert status == 200 and body["openapi"].startswith("3.")
+    docs = Path(__file__).resolve().parents[1] / "docs" / "openapi.json"
+    assert json.loads(docs.read_text(encoding="utf-8")) == body, "regenerate with: gateway openapi > docs/openapi.json"
+
+
+def test_intake_needs_a_token_with_the_right_role(gateway: RunningGateway) -> None:
+    record = {"id": "M-1", "kind": "matter"}
+    assert gateway.request("POST", "/v1/service-records", record)[0] == 401
+    assert gateway.request("POST", "/v1/service-records", record, token="hcp_wrong")[0] == 401
+    operator = gateway.cli("token", "create", "--role", "operator").stdout.strip()
+    status, body = gateway.request("POST", "/v1/service-records", record, token=operator)
+    assert status == 403 and "role 'operator'" in body["error"]
+
+
+def test_intake_of_one_record_is_idempotent(gateway: RunningGateway, intake_token: str) -> None:
+    record = {"id": "API-1", "kind": "matter", "mobile": "13800138000", "completed_at": "2026-11-20T10:00:00+08:00"}
+    assert gateway.request("POST", "/v1/service-records", record, token=intake_token) == (
+        201,
+        {"id": "API-1", "status": "created", "errors": []},
+    )
+    assert gateway.request("POST", "/v1/service-records", record, token=intake_token)[1]["status"] == "unchanged"
+    status, body = gateway.request("GET", "/v1/service-records/API-1", token=intake_token)
+    assert status == 200 and body["mobileMasked"] == "138****8000" and "13800138000" not in json.dumps(body)
+
+
+def test_batch_reports_each_bad_record_and_keeps_the_good_ones(gateway: RunningGateway, intake_token: str) -> None:
+    body = {
+        "records": [
+            {"id": "B-1", "kind": "matter"},
+            {"id": "B-2", "kind": "matter", "completed_at": 20261122},
+            {"id": "B-3", "kind": "matter", "favourite": "x"},
+            "not an object",
+            {"id": "B-4", "kind": "call"},
+        ]
+    }
+    status, answer = gateway.request("POST", "/v1/service-records", body, token=intake_token)
+    assert status == 200
+    assert answer["counts"] == {"created": 2, "updated": 0, "unchanged": 0, "rejected": 3}
+    results = answer["results"]
+    assert results[1]["errors"] == [{"field": "completed_at", "message": "must be a string, not int"}]
+    assert results[2]["errors"] == [{"field": "favourite", "message": "is not a known field"}]
+    assert results[3]["status"] == "rejected" and results[3]["index"] == 3
+    assert gateway.request("GET", "/v1/service-records/B-4", token=intake_token)[0] == 200
+
+
+@pytest.mark.parametrize(
+    ("raw", "content_type", "status", "words"),
+    [
+        (b"{not json", "application/json", 400, "not valid JSON"),
+        (b"\xff\xfe", "application/json", 400, "not UTF-8"),
+        (b"[1, 2]", "application/json", 422, "must be a service record"),
+        (b'{"records": []}', "application/json", 422, "records is empty"),
+        (b"id=1", "application/x-www-form-urlencoded", 415, "application/json"),
+        (b"x" * (1024 * 1024 + 1), "application/json", 413, "larger than"),
+    ],
+)
+def test_malformed_bodies_get_clear_errors(
+    gateway: RunningGateway, intake_token: str, raw: bytes, content_type: str, status: int, words: str
+) -> None:
+    got, body = gateway.request("POST", "/v1/service-records", raw=raw, token=intake_token, content_type=content_type)
+    assert got == status and words in body["error"]
+    assert gateway.request("GET", "/health")[0] == 200
+
+
+def test_unknown_routes_and_methods(gateway: RunningGateway) -> None:
+    assert gateway.request("GET", "/nope")[0] == 404
+    assert gateway.request("DELETE", "/health")[0] == 405
+
+
+def test_sigterm_stops_cleanly_and_keeps_accepted_records(tmp_path: Path) -> None:
+    running = start_gateway(tmp_path)
+    token = running.cli("token", "create", "--role", "intake").stdout.strip()
+    records = {"records": [{"id": f"T-{i}", "kind": "matter"} for i in range(500)]}
+    assert running.request("POST", "/v1/service-records", records, token=token)[1]["counts"]["created"] == 500
+    running.process.send_signal(signal.SIGTERM)
+    assert running.process.wait(timeout=30) == 0
+    assert "event=gateway.stopped" in running.log.read_text()
+    lookup = running.cli("ratings", "--service-id", "T-499", "--json")
+    assert lookup.returncode == 0 and json.loads(lookup.stdout) == []
+    again = start_gateway(tmp_path)
+    try:
+        assert again.request("GET", "/v1/service-records/T-499", token=token)[0] == 200
+    finally:
+        again.process.send_signal(signal.SIGTERM)
+        again.process.wait(timeout=30)

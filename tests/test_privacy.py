@@ -1,0 +1,68 @@
+"""Personal data protection (SPEC R5.1)."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from gateway.privacy import (
+    DataProtector,
+    InvalidPhoneNumber,
+    KeyMaterialError,
+    decode_key,
+    mask_phone,
+    normalise_phone,
+)
+
+
+@pytest.mark.parametrize(
+    ("raw", "e164"),
+    [
+        ("13812345678", "+8613812345678"),
+        ("+86 138 1234 5678", "+8613812345678"),
+        ("008613812345678", "+8613812345678"),
+        ("8613812345678", "+8613812345678"),
+        ("010-12345678", "+861012345678"),
+        ("+85291234567", "+85291234567"),
+    ],
+)
+def test_phone_numbers_are_normalised_to_e164(raw: str, e164: str) -> None:
+    assert normalise_phone(raw) == e164
+
+
+@pytest.mark.parametrize("raw", ["", "abc", "1381234567", "+8613812345678999999"])
+def test_bad_phone_numbers_are_refused(raw: str) -> None:
+    with pytest.raises(InvalidPhoneNumber):
+        normalise_phone(raw)
+
+
+def test_mask_shows_only_prefix_and_last_four() -> None:
+    assert mask_phone("+8613812345678") == "138****5678"
+
+
+def test_encryption_round_trip_is_randomised_and_key_bound() -> None:
+    protector = DataProtector(os.urandom(32), os.urandom(32))
+    one, two = protector.encrypt("+8613812345678"), protector.encrypt("+8613812345678")
+    assert one != two
+    assert protector.decrypt(one) == "+8613812345678"
+    other = DataProtector(os.urandom(32), protector.hash_key)
+    with pytest.raises(ValueError, match="key differs"):
+        other.decrypt(one)
+    assert other.lookup_hash("+8613812345678") == protector.lookup_hash("+8613812345678")
+
+
+def test_keys_are_generated_once_in_the_data_folder_with_private_mode(tmp_path: Path) -> None:
+    first = DataProtector.from_settings("", "", tmp_path)
+    second = DataProtector.from_settings("", "", tmp_path)
+    assert first == second
+    assert stat.S_IMODE((tmp_path / "keys.toml").stat().st_mode) == 0o600
+
+
+def test_configured_keys_must_be_32_bytes_of_base64() -> None:
+    with pytest.raises(KeyMaterialError, match="32 bytes"):
+        decode_key("c2hvcnQ=")
+    with pytest.raises(KeyMaterialError, match="base64"):
+        decode_key("not base64!")

@@ -1,0 +1,146 @@
+"""The evaluation store, on SQLite and on a real PostgreSQL server (same tests)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import select
+
+from gateway.intake import ServiceRecordInput
+from gateway.rating import Channel, Level, ServiceKind
+from storage import migrate
+from storage.schema import outbox, ratings, service_records
+from storage.store import Store, StoreError
+
+NOW = datetime(2026, 11, 23, 2, 0, tzinfo=UTC)
+
+
+def matter(record_id: str, **fields: object) -> ServiceRecordInput:
+    return ServiceRecordInput(id=record_id, kind=ServiceKind.MATTER, **fields)  # type: ignore[arg-type]
+
+
+def test_intake_is_idempotent_on_the_callers_id(store: Store) -> None:
+    first = store.upsert_service_records([matter("M-1", matter_code="X1"), matter("M-2")])
+    assert [r.status for r in first] == ["created", "created"]
+    again = store.upsert_service_records([matter("M-1", matter_code="X1"), matter("M-2")])
+    assert [r.status for r in again] == ["unchanged", "unchanged"]
+    assert store.count_service_records() == 2
+
+
+def test_completion_reported_later_updates_the_record_and_empty_fields_never_erase(store: Store) -> None:
+    store.upsert_service_records([matter("M-1", matter_code="X1", agent_id="A7")])
+    completed = datetime(2026, 11, 20, 9, 30, tzinfo=UTC)
+    result = store.upsert_service_records([matter("M-1", completed_at=completed)])
+    assert result[0].status == "updated"
+    record = store.get_service_record("M-1")
+    assert record is not None
+    assert record["completedAt"] == completed.isoformat()
+    assert record["matterCode"] == "X1" and record["agentId"] == "A7"
+
+
+def test_kind_of_a_known_record_cannot_change(store: Store) -> None:
+    store.upsert_service_records([matter("S-1")])
+    result = store.upsert_service_records([ServiceRecordInput(id="S-1", kind=ServiceKind.CALL)])
+    assert result[0].status == "rejected"
+    assert "kind" in (result[0].reason or "")
+
+
+def test_same_id_twice_in_one_batch_is_applied_in_order(store: Store) -> None:
+    result = store.upsert_service_records([matter("D-1"), matter("D-1", matter_code="Y")])
+    assert [r.status for r in result] == ["created", "updated"]
+    record = store.get_service_record("D-1")
+    assert record is not None and record["matterCode"] == "Y"
+
+
+def test_phone_is_encrypted_at_rest_and_found_by_keyed_hash(store: Store) -> None:
+    """SPEC R5.1: no clear phone number in the database; lookup by HMAC; masked view."""
+    store.upsert_service_records([matter("P-1", mobile="+8613812345678")])
+    with store.engine.connect() as connection:
+        row = connection.execute(select(service_records)).mappings().one()
+    assert b"13812345678" not in row["mobile_enc"]
+    assert row["mobile_hash"] == store.protector.lookup_hash("+8613812345678")
+    assert store.protector.decrypt(row["mobile_enc"]) == "+8613812345678"
+    assert row["mobile_masked"] == "138****5678"
+    for value in row.values():
+        assert "13812345678" not in str(value)
+
+
+def test_changed_phone_replaces_ciphertext_hash_and_mask(store: Store) -> None:
+    store.upsert_service_records([matter("P-2", mobile="+8613812345678")])
+    assert store.upsert_service_records([matter("P-2", mobile="+8613812345678")])[0].status == "unchanged"
+    assert store.upsert_service_records([matter("P-2", mobile="+8613900001111")])[0].status == "updated"
+    with store.engine.connect() as connection:
+        row = connection.execute(select(service_records)).mappings().one()
+    assert store.protector.decrypt(row["mobile_enc"]) == "+8613900001111"
+    assert row["mobile_masked"] == "139****1111"
+
+
+def test_one_rating_per_record_later_ones_are_attempts_and_only_the_first_is_pushed(store: Store) -> None:
+    """SPEC R1.4 and R7.1: the first rating counts and enters the outbox; a second is kept for audit."""
+    store.upsert_service_records([matter("R-1")])
+    with store.engine.begin() as connection:
+        record_pk = connection.execute(select(service_records.c.id)).scalar_one()
+        first = store.add_rating(
+            connection,
+            service_record_id=record_pk,
+            level=Level.SATISFIED,
+            channel=Channel.SMS,
+            raw_input="2",
+            rated_at=NOW,
+        )
+        second = store.add_rating(
+            connection,
+            service_record_id=record_pk,
+            level=Level.VERY_DISSATISFIED,
+            channel=Channel.SMS,
+            raw_input="5",
+            rated_at=NOW + timedelta(minutes=1),
+        )
+    assert first[2] is True and second[2] is False
+    with store.engine.connect() as connection:
+        rows = connection.execute(select(ratings.c.level, ratings.c.is_attempt).order_by(ratings.c.id)).all()
+        pushed = connection.execute(select(outbox.c.record_id)).scalars().all()
+    assert rows == [(4, False), (1, True)]
+    assert pushed == [first[1]]
+
+
+def test_find_ratings_by_call_work_order_and_agent(store: Store) -> None:
+    with store.engine.begin() as connection:
+        pk = store.find_or_create_call_record(
+            connection,
+            call_id="1732262103.42",
+            linked_id="1732262103.40",
+            fields={"agent_id": "A1024", "work_order": "GD-1"},
+        )
+        store.add_rating(
+            connection,
+            service_record_id=pk,
+            level=Level.VERY_SATISFIED,
+            channel=Channel.VOICE,
+            raw_input="1",
+            rated_at=NOW,
+        )
+    for query in (
+        {"call_id": "1732262103.42"},
+        {"work_order": "GD-1"},
+        {"agent_id": "A1024"},
+        {"linked_id": "1732262103.40"},
+        {"service_id": "1732262103.42"},
+    ):
+        found = store.find_ratings(**query)  # type: ignore[arg-type]
+        assert [(r.level, r.channel, r.raw_input) for r in found] == [(Level.VERY_SATISFIED, "voice", "1")]
+    assert store.find_ratings(agent_id="A1024", since=NOW + timedelta(seconds=1)) == []
+
+
+def test_tokens_have_roles_and_only_their_hash_is_kept(store: Store) -> None:
+    token = store.create_token("intake", "crm")
+    assert store.authenticate(token) == ("intake", "crm")
+    assert store.authenticate(token + "x") is None
+    with pytest.raises(StoreError, match="role"):
+        store.create_token("root", "x")
+
+
+def test_upgrade_is_idempotent(store: Store) -> None:
+    migrate.upgrade(store.engine)
+    assert migrate.current_revision(store.engine) == migrate.head_revision(store.engine)
