@@ -22,10 +22,7 @@ def test_round_trip(postgresql_fresh_url: str) -> None:
             version = conn.execute(sa.text("select version()")).scalar_one()
             assert version.startswith("PostgreSQL ")
             conn.execute(
-                sa.text(
-                    "create table rating (id integer primary key, label text not null,"
-                    " score smallint not null)"
-                )
+                sa.text("create table rating (id integer primary key, label text not null, score smallint not null)")
             )
             conn.execute(
                 sa.text("insert into rating (id, label, score) values (:id, :label, :score)"),
@@ -52,9 +49,7 @@ def test_fresh_databases_are_distinct(
         with first.begin() as conn:
             conn.execute(sa.text("create table only_in_first (id integer)"))
         with second.connect() as conn:
-            assert conn.execute(sa.text("select current_database()")).scalar_one() == (
-                make_url(other_url).database
-            )
+            assert conn.execute(sa.text("select current_database()")).scalar_one() == (make_url(other_url).database)
             assert not sa.inspect(conn).has_table("only_in_first")
     finally:
         first.dispose()
@@ -68,9 +63,7 @@ def test_session_database(postgresql_url: str, request: pytest.FixtureRequest) -
     engine = sa.create_engine(postgresql_url)
     try:
         with engine.connect() as conn:
-            assert conn.execute(sa.text("select current_database()")).scalar_one() == (
-                "gateway_test"
-            )
+            assert conn.execute(sa.text("select current_database()")).scalar_one() == ("gateway_test")
             assert conn.execute(sa.text("show fsync")).scalar_one() == "off"
             assert conn.execute(sa.text("show max_connections")).scalar_one() == "200"
     finally:

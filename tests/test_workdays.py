@@ -38,9 +38,7 @@ working_counts = st.integers(min_value=1, max_value=15)  # R4.2: 1, 5, 10 and 15
 aware_starts = st.datetimes(
     min_value=datetime(2004, 1, 2),
     max_value=datetime(2026, 10, 30),
-    timezones=st.sampled_from(
-        [SHANGHAI, UTC, ZoneInfo("America/New_York"), ZoneInfo("Europe/Berlin")]
-    ),
+    timezones=st.sampled_from([SHANGHAI, UTC, ZoneInfo("America/New_York"), ZoneInfo("Europe/Berlin")]),
     allow_imaginary=False,
 )
 periods = st.builds(Period, st.sampled_from(get_args(PeriodKind)), working_counts)
@@ -176,9 +174,7 @@ def test_naive_start_is_refused_with_a_sentence() -> None:
 
 def test_deadline_time_with_a_timezone_is_refused() -> None:
     with pytest.raises(ValueError, match="without a timezone"):
-        CALENDAR.deadline(
-            shanghai("2026-02-13T10:00"), Period("working", 1), at=time(17, 30, tzinfo=UTC)
-        )
+        CALENDAR.deadline(shanghai("2026-02-13T10:00"), Period("working", 1), at=time(17, 30, tzinfo=UTC))
 
 
 def test_calendar_takes_dates_not_datetimes() -> None:
@@ -248,9 +244,7 @@ def test_deadline_is_strictly_after_start_and_in_shanghai(start: datetime, perio
 
 @PROPERTY_SETTINGS
 @given(aware_starts, working_counts, st.none() | st.just(OFFICE_CLOSE))
-def test_r4_2_working_deadline_falls_on_the_nth_working_day(
-    start: datetime, count: int, at: time | None
-) -> None:
+def test_r4_2_working_deadline_falls_on_the_nth_working_day(start: datetime, count: int, at: time | None) -> None:
     due = CALENDAR.deadline(start, Period("working", count), at=at)
     start_day = start.astimezone(SHANGHAI).date()
     assert chinese_calendar.is_workday(due.date())
@@ -277,9 +271,7 @@ def test_deadline_is_monotone_in_start(first: datetime, second: datetime, count:
     """
     earlier, later = sorted([first, second])
     working = Period("working", count)
-    assert CALENDAR.deadline(earlier, working, OFFICE_CLOSE) <= CALENDAR.deadline(
-        later, working, OFFICE_CLOSE
-    )
+    assert CALENDAR.deadline(earlier, working, OFFICE_CLOSE) <= CALENDAR.deadline(later, working, OFFICE_CLOSE)
     assert CALENDAR.deadline(earlier, working).date() <= CALENDAR.deadline(later, working).date()
     natural = Period("natural", count)
     assert CALENDAR.deadline(earlier, natural) <= CALENDAR.deadline(later, natural)
@@ -287,13 +279,9 @@ def test_deadline_is_monotone_in_start(first: datetime, second: datetime, count:
 
 @PROPERTY_SETTINGS
 @given(aware_starts, st.sampled_from(get_args(PeriodKind)), working_counts, working_counts)
-def test_deadline_grows_with_the_period(
-    start: datetime, kind: PeriodKind, first: int, second: int
-) -> None:
+def test_deadline_grows_with_the_period(start: datetime, kind: PeriodKind, first: int, second: int) -> None:
     shorter, longer = sorted([first, second])
-    assert CALENDAR.deadline(start, Period(kind, shorter)) <= CALENDAR.deadline(
-        start, Period(kind, longer)
-    )
+    assert CALENDAR.deadline(start, Period(kind, shorter)) <= CALENDAR.deadline(start, Period(kind, longer))
 
 
 @PROPERTY_SETTINGS
