@@ -53,7 +53,7 @@ def test_menu_offers_the_five_levels_in_hotline_order():
     """SPEC R1.2: 1 = 非常满意 … 5 = 非常不满意 on the voice menu."""
     text = _catalogue()["hcp-rating-menu"]["text"]
 
-    assert text == ("请您对本次服务进行评价：非常满意请按1，满意请按2，基本满意请按3，不满意请按4，非常不满意请按5。")
+    assert text == "请您对本次服务进行评价：非常满意请按1，满意请按2，基本满意请按3，不满意请按4，非常不满意请按5。"
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_NAMES))
