@@ -20,7 +20,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
 from gateway.intake import ServiceRecordInput
-from gateway.privacy import DataProtector, mask_phone
+from gateway.privacy import DataProtector, InvalidPhoneNumber, mask_phone, normalise_phone
 from gateway.rating import Channel, Level
 from storage import ids
 from storage.schema import (
@@ -269,10 +269,22 @@ class Store:
     def find_or_create_call_record(
         self, connection: Connection, *, call_id: str, linked_id: str | None, fields: dict[str, Any]
     ) -> int:
-        """The service record of a hotline call, created from the AGI hand-off if unknown."""
-        row = connection.execute(select(service_records.c.id).where(service_records.c.external_id == call_id)).first()
-        if row is not None:
-            return int(row[0])
+        """The service record of a hotline call (SPEC R1.3, R2.1), created from the hand-off if unknown.
+
+        A call reported through the intake is found by its Asterisk unique id (``call_id`` or
+        the record id), else by its linked id; otherwise the hand-off's identifiers make one.
+        """
+        s = service_records.c
+        for condition in (s.call_id == call_id, s.external_id == call_id):
+            row = connection.execute(select(s.id).where(condition).order_by(s.id).limit(1)).first()
+            if row is not None:
+                return int(row[0])
+        if linked_id:
+            row = connection.execute(
+                select(s.id).where(s.linked_id == linked_id, s.kind == "call").order_by(s.id).limit(1)
+            ).first()
+            if row is not None:
+                return int(row[0])
         now = utcnow()
         values = {
             "external_id": call_id,
@@ -288,8 +300,76 @@ class Store:
             with connection.begin_nested():
                 return int(connection.execute(insert(service_records).values(**values)).inserted_primary_key[0])
         except IntegrityError:
-            row = connection.execute(select(service_records.c.id).where(service_records.c.external_id == call_id)).one()
+            row = connection.execute(select(s.id).where(s.external_id == call_id)).one()
             return int(row[0])
+
+    def _call_fields(self, hand_off: dict[str, str | None]) -> dict[str, Any]:
+        fields: dict[str, Any] = {
+            "agent_id": hand_off.get("agent_id"),
+            "work_order": hand_off.get("work_order"),
+            "queue": hand_off.get("queue"),
+            "matter_code": hand_off.get("matter_code"),
+        }
+        caller = hand_off.get("caller")
+        if caller:
+            try:
+                phone = normalise_phone(caller)
+            except InvalidPhoneNumber:
+                phone = None
+            if phone:
+                fields.update(
+                    mobile_enc=self.protector.encrypt(phone),
+                    mobile_hash=self.protector.lookup_hash(phone),
+                    mobile_masked=mask_phone(phone),
+                )
+        return fields
+
+    def record_call_rating(
+        self, hand_off: dict[str, str | None], *, level: Level, key: str, rated_at: datetime
+    ) -> tuple[str, bool]:
+        """Store a hotline caller's key as a rating (SPEC R2.2, R2.4): (record id, counted).
+
+        ``hand_off`` holds the call's identifiers (SPEC R2.1): call_id, linked_id, agent_id,
+        work_order, queue, matter_code, caller. One transaction: record, rating, outbox.
+        """
+        call_id = hand_off.get("call_id") or ""
+        with self.engine.begin() as connection:
+            pk = self.find_or_create_call_record(
+                connection, call_id=call_id, linked_id=hand_off.get("linked_id"), fields=self._call_fields(hand_off)
+            )
+            _, record_id, counted = self.add_rating(
+                connection, service_record_id=pk, level=level, channel=Channel.VOICE, raw_input=key, rated_at=rated_at
+            )
+            connection.execute(update(service_records).where(service_records.c.id == pk).values(unrated_reason=None))
+        return record_id, counted
+
+    def record_rating_detail(
+        self, record_id: str, *, reasons: str | None = None, comment_ref: str | None = None
+    ) -> None:
+        """Bad-rating reasons and a voice comment's reference (SPEC R2.5), after the rating."""
+        values: dict[str, Any] = {}
+        if reasons is not None:
+            values["reasons"] = reasons
+        if comment_ref is not None:
+            values["voice_comment_ref"] = comment_ref
+        if values:
+            with self.engine.begin() as connection:
+                connection.execute(update(ratings).where(ratings.c.record_id == record_id).values(**values))
+
+    def record_unrated_call(self, hand_off: dict[str, str | None], *, reason: str) -> None:
+        """A call that ended without a rating (SPEC R2.3), ready for an SMS invitation (R3.1)."""
+        call_id = hand_off.get("call_id") or ""
+        with self.engine.begin() as connection:
+            pk = self.find_or_create_call_record(
+                connection, call_id=call_id, linked_id=hand_off.get("linked_id"), fields=self._call_fields(hand_off)
+            )
+            rated = connection.execute(select(ratings.c.id).where(ratings.c.service_record_id == pk).limit(1)).first()
+            if rated is None:
+                connection.execute(
+                    update(service_records)
+                    .where(service_records.c.id == pk)
+                    .values(unrated_reason=reason, updated_at=utcnow())
+                )
 
     def add_rating(
         self,
