@@ -26,6 +26,19 @@ from storage.store import Store, make_engine
 log = logging.getLogger("gateway.app")
 
 
+class SequentialMultiService(service.MultiService):
+    """Stops its services one by one, last added first, each only after the one before.
+
+    The listeners stop (and finish their calls' writes) before the store's threads end.
+    """
+
+    @defer.inlineCallbacks
+    def stopService(self) -> Any:
+        service.Service.stopService(self)
+        for child in reversed(list(self)):
+            yield defer.maybeDeferred(child.stopService)
+
+
 @dataclass
 class Gateway:
     """The running process's parts, for tests and for the health report."""
@@ -53,7 +66,7 @@ def build_gateway(config: Config, reactor: Any, *, store: Store | None = None) -
     """Compose the services; nothing listens until ``root.startService()``."""
     store = store or open_store(config)
     calendar = WorkingDayCalendar.from_override_file(config.calendar.override_file or None)
-    root = service.MultiService()
+    root = SequentialMultiService()
     deferred_store = DeferredStore(store, reactor, config.store.threads)
     deferred_store.setServiceParent(root)
     gateway = Gateway(config, store, deferred_store, calendar, root)

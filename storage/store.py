@@ -324,27 +324,54 @@ class Store:
                 )
         return fields
 
+    def write_together(self, calls: Sequence[tuple[str, dict[str, Any]]]) -> list[Any]:
+        """Run several ``tx_*`` methods in one transaction (group commit), each in a savepoint.
+
+        Returns each call's result, or the exception that call raised (the others still
+        commit). Many concurrent calls' writes cost one commit instead of one each.
+        """
+        results: list[Any] = []
+        with self.engine.begin() as connection:
+            for name, kwargs in calls:
+                try:
+                    with connection.begin_nested():
+                        results.append(getattr(self, "tx_" + name)(connection, **kwargs))
+                except Exception as error:  # reported to that caller alone
+                    results.append(error)
+        return results
+
     def record_call_rating(
         self, hand_off: dict[str, str | None], *, level: Level, key: str, rated_at: datetime
+    ) -> tuple[str, bool]:
+        with self.engine.begin() as connection:
+            return self.tx_call_rating(connection, hand_off=hand_off, level=level, key=key, rated_at=rated_at)
+
+    def tx_call_rating(
+        self, connection: Connection, *, hand_off: dict[str, str | None], level: Level, key: str, rated_at: datetime
     ) -> tuple[str, bool]:
         """Store a hotline caller's key as a rating (SPEC R2.2, R2.4): (record id, counted).
 
         ``hand_off`` holds the call's identifiers (SPEC R2.1): call_id, linked_id, agent_id,
-        work_order, queue, matter_code, caller. One transaction: record, rating, outbox.
+        work_order, queue, matter_code, caller. Record, rating and outbox row together.
         """
         call_id = hand_off.get("call_id") or ""
-        with self.engine.begin() as connection:
-            pk = self.find_or_create_call_record(
-                connection, call_id=call_id, linked_id=hand_off.get("linked_id"), fields=self._call_fields(hand_off)
-            )
-            _, record_id, counted = self.add_rating(
-                connection, service_record_id=pk, level=level, channel=Channel.VOICE, raw_input=key, rated_at=rated_at
-            )
-            connection.execute(update(service_records).where(service_records.c.id == pk).values(unrated_reason=None))
+        pk = self.find_or_create_call_record(
+            connection, call_id=call_id, linked_id=hand_off.get("linked_id"), fields=self._call_fields(hand_off)
+        )
+        _, record_id, counted = self.add_rating(
+            connection, service_record_id=pk, level=level, channel=Channel.VOICE, raw_input=key, rated_at=rated_at
+        )
+        connection.execute(update(service_records).where(service_records.c.id == pk).values(unrated_reason=None))
         return record_id, counted
 
     def record_rating_detail(
         self, record_id: str, *, reasons: str | None = None, comment_ref: str | None = None
+    ) -> None:
+        with self.engine.begin() as connection:
+            self.tx_rating_detail(connection, record_id=record_id, reasons=reasons, comment_ref=comment_ref)
+
+    def tx_rating_detail(
+        self, connection: Connection, *, record_id: str, reasons: str | None = None, comment_ref: str | None = None
     ) -> None:
         """Bad-rating reasons and a voice comment's reference (SPEC R2.5), after the rating."""
         values: dict[str, Any] = {}
@@ -353,23 +380,25 @@ class Store:
         if comment_ref is not None:
             values["voice_comment_ref"] = comment_ref
         if values:
-            with self.engine.begin() as connection:
-                connection.execute(update(ratings).where(ratings.c.record_id == record_id).values(**values))
+            connection.execute(update(ratings).where(ratings.c.record_id == record_id).values(**values))
 
     def record_unrated_call(self, hand_off: dict[str, str | None], *, reason: str) -> None:
+        with self.engine.begin() as connection:
+            self.tx_unrated_call(connection, hand_off=hand_off, reason=reason)
+
+    def tx_unrated_call(self, connection: Connection, *, hand_off: dict[str, str | None], reason: str) -> None:
         """A call that ended without a rating (SPEC R2.3), ready for an SMS invitation (R3.1)."""
         call_id = hand_off.get("call_id") or ""
-        with self.engine.begin() as connection:
-            pk = self.find_or_create_call_record(
-                connection, call_id=call_id, linked_id=hand_off.get("linked_id"), fields=self._call_fields(hand_off)
+        pk = self.find_or_create_call_record(
+            connection, call_id=call_id, linked_id=hand_off.get("linked_id"), fields=self._call_fields(hand_off)
+        )
+        rated = connection.execute(select(ratings.c.id).where(ratings.c.service_record_id == pk).limit(1)).first()
+        if rated is None:
+            connection.execute(
+                update(service_records)
+                .where(service_records.c.id == pk)
+                .values(unrated_reason=reason, updated_at=utcnow())
             )
-            rated = connection.execute(select(ratings.c.id).where(ratings.c.service_record_id == pk).limit(1)).first()
-            if rated is None:
-                connection.execute(
-                    update(service_records)
-                    .where(service_records.c.id == pk)
-                    .values(unrated_reason=reason, updated_at=utcnow())
-                )
 
     def add_rating(
         self,

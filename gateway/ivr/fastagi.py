@@ -1,0 +1,255 @@
+"""The FastAGI server: Asterisk's ``AGI(agi://host:4573/rating?...)`` served by Twisted.
+
+A thin adapter around :class:`gateway.ivr.call.RatingCall`: bytes in, bytes out, store
+writes through the group writer, one idle timer per call. Many calls share one thread; a
+broken, stalled or oversized peer ends its own call and no other.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from twisted.application import internet
+from twisted.internet import defer, protocol
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.python.failure import Failure
+
+from gateway.config import Config
+from gateway.ivr.call import Close, RatingCall, Write, describe
+from gateway.ivr.dialogue import DialogueSettings, NotRated, StoreDetail, StoreRating
+from storage.deferred import DeferredStore, GroupWriter
+
+log = logging.getLogger("gateway.ivr.fastagi")
+
+#: Delays before retrying a failed store write; a key pressed is a rating stored (SPEC R2.4).
+STORE_RETRY_DELAYS = (0.2, 1.0, 3.0)
+
+
+def dialogue_settings(config: Config) -> DialogueSettings:
+    agi_config = config.agi
+    return DialogueSettings(
+        key_map=agi_config.key_map,
+        max_attempts=agi_config.max_attempts,
+        wait_ms=int(agi_config.wait * 1000),
+        prompt_dir=agi_config.prompt_dir,
+        reason_menu=agi_config.reason_menu,
+        voice_comment=agi_config.voice_comment,
+        comment_max_s=max(1, int(agi_config.comment_max)),
+        comment_path_template=agi_config.comment_dir.rstrip("/") + "/{call_id}",
+    )
+
+
+@dataclass
+class CallStats:
+    """Counters for the health report and metrics."""
+
+    active: int = 0
+    started: int = 0
+    rated: int = 0
+    not_rated: int = 0
+    store_failures: int = 0
+    outcomes: dict[str, int] = field(default_factory=dict)
+
+
+class RatingStore:
+    """What a call needs from the store, with retries: write the rating, the details, the end."""
+
+    def __init__(self, writer: GroupWriter, clock: IReactorTime) -> None:
+        self.writer = writer
+        self.clock = clock
+
+    def write(self, name: str, **kwargs: Any) -> defer.Deferred[Any]:
+        return self._attempt(name, kwargs, 0)
+
+    def _attempt(self, name: str, kwargs: dict[str, Any], tries: int) -> defer.Deferred[Any]:
+        deferred = self.writer.write(name, **kwargs)
+        if tries >= len(STORE_RETRY_DELAYS):
+            return deferred
+
+        def retry(failure: Failure) -> defer.Deferred[Any]:
+            log.warning("event=agi.store_retry write=%s try=%d error=%s", name, tries + 1, failure.type.__name__)
+            return defer.deferLater(self.clock, STORE_RETRY_DELAYS[tries], self._attempt, name, kwargs, tries + 1)
+
+        return deferred.addErrback(retry)
+
+
+class FastAGIProtocol(protocol.Protocol):
+    """One Asterisk AGI session."""
+
+    def __init__(self, factory: FastAGIFactory) -> None:
+        self.factory = factory
+        self.call = RatingCall(factory.settings, max_line_length=factory.max_line_length)
+        self.record_id: str | None = None
+        self.started = 0.0
+        self._idle: IDelayedCall | None = None
+        self._pending: list[defer.Deferred[Any]] = []
+
+    # -- Twisted events ------------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.started = time.monotonic()
+        self.factory.stats.active += 1
+        self.factory.stats.started += 1
+        self._reset_idle()
+
+    def dataReceived(self, data: bytes) -> None:
+        self._reset_idle()
+        self._carry_out(self.call.receive_data(data))
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self.factory.stats.active -= 1
+        self._cancel_idle()
+        self._carry_out(self.call.lost())
+
+    # -- carrying out the call's outputs -------------------------------------------------------
+
+    def _carry_out(self, outputs: list[Any]) -> None:
+        for output in outputs:
+            if isinstance(output, Write):
+                self.transport.write(output.data)
+            elif isinstance(output, StoreRating):
+                self._store_rating(output)
+            elif isinstance(output, StoreDetail):
+                self._store_detail(output)
+            elif isinstance(output, Close):
+                self._finish(output)
+
+    def _store_rating(self, action: StoreRating) -> None:
+        rated_at = datetime.fromtimestamp(self.factory.clock.seconds(), UTC)
+        deferred = self.factory.store.write(
+            "call_rating", hand_off=self.call.hand_off, level=action.level, key=action.key, rated_at=rated_at
+        )
+
+        def stored(result: tuple[str, bool]) -> None:
+            self.record_id, counted = result
+            if not counted:
+                log.info("event=agi.rating_attempt call_id=%s counted=false", self.call.call_id)
+            self._carry_out(self.call.store_done())
+
+        def failed(failure: Failure) -> None:
+            self.factory.stats.store_failures += 1
+            log.error("event=agi.store_failed call_id=%s error=%s", self.call.call_id, failure.type.__name__)
+            self._carry_out(self.call.store_failed(failure.type.__name__))
+
+        self._track(deferred.addCallbacks(stored, failed))
+
+    def _store_detail(self, action: StoreDetail) -> None:
+        if self.record_id is None:
+            return
+        reasons = action.reason
+        deferred = self.factory.store.write(
+            "rating_detail", record_id=self.record_id, reasons=reasons, comment_ref=action.comment_ref
+        )
+        self._track(deferred.addErrback(self._log_failure, "rating_detail"))
+
+    def _finish(self, close: Close) -> None:
+        self._cancel_idle()
+        outcome = close.outcome
+        stats = self.factory.stats
+        label = describe(outcome)
+        kind = f"not_rated/{outcome.reason}" if isinstance(outcome, NotRated) else ("rated" if outcome else "none")
+        stats.outcomes[kind] = stats.outcomes.get(kind, 0) + 1
+        if isinstance(outcome, NotRated):
+            stats.not_rated += 1
+            if self.call.call_id:
+                deferred = self.factory.store.write("unrated_call", hand_off=self.call.hand_off, reason=outcome.reason)
+                self._track(deferred.addErrback(self._log_failure, "unrated_call"))
+        elif outcome is not None:
+            stats.rated += 1
+        log.info(
+            "event=agi.call_end call_id=%s %s ms=%d%s",
+            self.call.call_id,
+            label,
+            (time.monotonic() - self.started) * 1000,
+            f" problem={close.problem!r}" if close.problem else "",
+        )
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _track(self, deferred: defer.Deferred[Any]) -> None:
+        self._pending.append(deferred)
+        self.factory.pending.add(deferred)
+        deferred.addBoth(self._untrack, deferred)
+
+    def _untrack(self, result: Any, deferred: defer.Deferred[Any]) -> Any:
+        self.factory.pending.discard(deferred)
+        return result
+
+    def _log_failure(self, failure: Failure, what: str) -> None:
+        self.factory.stats.store_failures += 1
+        log.error("event=agi.store_failed call_id=%s write=%s error=%s", self.call.call_id, what, failure.type.__name__)
+
+    def _reset_idle(self) -> None:
+        if self._idle is not None and self._idle.active():
+            self._idle.reset(self.factory.idle_timeout)
+        else:
+            self._idle = self.factory.clock.callLater(self.factory.idle_timeout, self._stalled)
+
+    def _cancel_idle(self) -> None:
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+        self._idle = None
+
+    def _stalled(self) -> None:
+        self._idle = None
+        log.warning("event=agi.peer_stalled call_id=%s", self.call.call_id)
+        self._carry_out(self.call.stalled())
+        if self.transport is not None:
+            self.transport.abortConnection()  # a stalled peer may never read a FIN
+
+
+class FastAGIFactory(protocol.ServerFactory):
+    """Builds one :class:`FastAGIProtocol` per Asterisk connection."""
+
+    noisy = False
+
+    def __init__(
+        self,
+        settings: DialogueSettings,
+        store: RatingStore,
+        clock: IReactorTime,
+        *,
+        idle_timeout: float = 120.0,
+        max_line_length: int = 8192,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.clock = clock
+        self.idle_timeout = idle_timeout
+        self.max_line_length = max_line_length
+        self.stats = CallStats()
+        self.pending: set[defer.Deferred[Any]] = set()
+
+    def buildProtocol(self, addr: Any) -> FastAGIProtocol:
+        return FastAGIProtocol(self)
+
+
+class FastAGIService(internet.TCPServer):
+    """The listener; stopping it stops accepting and waits for the calls' store writes."""
+
+    def __init__(self, port: int, factory: FastAGIFactory, interface: str, backlog: int) -> None:
+        super().__init__(port, factory, interface=interface, backlog=backlog)
+        self.factory = factory
+        self.setName("agi")
+
+    @defer.inlineCallbacks
+    def stopService(self) -> Any:
+        yield super().stopService()
+        while self.factory.pending:
+            yield defer.DeferredList(list(self.factory.pending), consumeErrors=True)
+
+
+def build_fastagi_service(config: Config, reactor: Any, store: DeferredStore) -> FastAGIService:
+    factory = FastAGIFactory(
+        dialogue_settings(config),
+        RatingStore(GroupWriter(store), reactor),
+        reactor,
+        idle_timeout=config.agi.idle_timeout,
+    )
+    return FastAGIService(config.agi.port, factory, config.agi.host, config.agi.backlog)
