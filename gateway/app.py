@@ -17,11 +17,9 @@ from twisted.internet.interfaces import IReactorCore, IReactorTCP, IReactorTime
 
 from gateway.config import Config
 from gateway.http_api import GatewayApi, make_site
-from gateway.privacy import DataProtector
 from gateway.workdays import WorkingDayCalendar
-from storage import migrate
 from storage.deferred import DeferredStore
-from storage.store import Store, make_engine
+from storage.store import Store
 
 log = logging.getLogger("gateway.app")
 
@@ -53,13 +51,7 @@ class Gateway:
 
 def open_store(config: Config, *, upgrade: bool = True) -> Store:
     """The store for this configuration, its schema brought up to date."""
-    engine = make_engine(config.store.effective_url, threads=config.store.threads)
-    if upgrade:
-        migrate.upgrade(engine)
-    protector = DataProtector.from_settings(
-        config.privacy.encryption_key, config.privacy.phone_hash_key, config.data_dir
-    )
-    return Store(engine, protector)
+    return Store.from_config(config, upgrade=upgrade)
 
 
 def build_gateway(config: Config, reactor: Any, *, store: Store | None = None) -> Gateway:

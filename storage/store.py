@@ -19,6 +19,7 @@ from sqlalchemy import Engine, and_, create_engine, event, func, insert, select,
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
+from gateway.config import Config
 from gateway.intake import ServiceRecordInput
 from gateway.privacy import DataProtector, InvalidPhoneNumber, mask_phone, normalise_phone
 from gateway.rating import Channel, Level
@@ -149,6 +150,19 @@ class Store:
     def __init__(self, engine: Engine, protector: DataProtector) -> None:
         self.engine = engine
         self.protector = protector
+
+    @classmethod
+    def from_config(cls, config: Config, *, upgrade: bool = True) -> Store:
+        """The store a configuration names, its schema brought up to date unless told not to."""
+        engine = make_engine(config.store.effective_url, threads=config.store.threads)
+        if upgrade:
+            from storage import migrate
+
+            migrate.upgrade(engine)
+        protector = DataProtector.from_settings(
+            config.privacy.encryption_key, config.privacy.phone_hash_key, config.data_dir
+        )
+        return cls(engine, protector)
 
     @property
     def is_sqlite(self) -> bool:

@@ -21,26 +21,13 @@ from twisted.python.failure import Failure
 from gateway.config import Config
 from gateway.ivr.call import Close, RatingCall, Write, describe
 from gateway.ivr.dialogue import DialogueSettings, NotRated, StoreDetail, StoreRating
+from gateway.ivr.settings import dialogue_settings
 from storage.deferred import DeferredStore, GroupWriter
 
 log = logging.getLogger("gateway.ivr.fastagi")
 
 #: Delays before retrying a failed store write; a key pressed is a rating stored (SPEC R2.4).
 STORE_RETRY_DELAYS = (0.2, 1.0, 3.0)
-
-
-def dialogue_settings(config: Config) -> DialogueSettings:
-    agi_config = config.agi
-    return DialogueSettings(
-        key_map=agi_config.key_map,
-        max_attempts=agi_config.max_attempts,
-        wait_ms=int(agi_config.wait * 1000),
-        prompt_dir=agi_config.prompt_dir,
-        reason_menu=agi_config.reason_menu,
-        voice_comment=agi_config.voice_comment,
-        comment_max_s=max(1, int(agi_config.comment_max)),
-        comment_path_template=agi_config.comment_dir.rstrip("/") + "/{call_id}",
-    )
 
 
 @dataclass
