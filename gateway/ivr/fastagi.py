@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from twisted.application import internet
-from twisted.internet import defer, protocol
+from twisted.internet import defer, protocol, task
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
@@ -59,7 +59,7 @@ class RatingStore:
 
         def retry(failure: Failure) -> defer.Deferred[Any]:
             log.warning("event=agi.store_retry write=%s try=%d error=%s", name, tries + 1, failure.type.__name__)
-            return defer.deferLater(self.clock, STORE_RETRY_DELAYS[tries], self._attempt, name, kwargs, tries + 1)
+            return task.deferLater(self.clock, STORE_RETRY_DELAYS[tries], self._attempt, name, kwargs, tries + 1)
 
         return deferred.addErrback(retry)
 
