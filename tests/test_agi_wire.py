@@ -3,7 +3,7 @@
 The response and environment lines below are copied from the transcripts in
 ``fixtures/agi`` (Asterisk GIT-master-f0c1c1a7b7); the fixture-scanning tests read every
 transcript when the directory is available (``HCP_AGI_FIXTURES``, ``tests/fixtures/agi``,
-``fixtures/agi`` or ``/work/shared/fixtures/agi``).
+``fixtures/agi`` or ``../shared/fixtures/agi`` beside the checkout, as in CI).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def _fixture_dir() -> Path | None:
         os.environ.get("HCP_AGI_FIXTURES", ""),
         REPO / "tests" / "fixtures" / "agi",
         REPO / "fixtures" / "agi",
-        Path("/work/shared/fixtures/agi"),
+        REPO.parent / "shared" / "fixtures" / "agi",
     ]
     for candidate in candidates:
         if candidate and Path(candidate).is_dir() and any(Path(candidate).glob("*.txt")):
@@ -67,6 +67,8 @@ def _fixture_dir() -> Path | None:
 
 
 FIXTURES = _fixture_dir()
+if FIXTURES is None and os.environ.get("CI"):
+    raise RuntimeError("the AGI transcripts (../shared/fixtures/agi) are missing; CI must test against them")
 needs_fixtures = pytest.mark.skipif(FIXTURES is None, reason="AGI transcripts not found")
 TRANSCRIPTS = sorted(FIXTURES.glob("*.txt")) if FIXTURES else []
 
