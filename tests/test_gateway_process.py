@@ -205,3 +205,57 @@ def test_sigterm_stops_cleanly_and_keeps_accepted_records(tmp_path: Path) -> Non
     finally:
         again.process.send_signal(signal.SIGTERM)
         again.process.wait(timeout=30)
+
+
+def rate_by_phone(port: int, call_id: str, key: str, caller: str = "13800138000") -> list[bytes]:
+    """Play Asterisk's side of one short call over real TCP: the caller presses ``key``."""
+    env = (
+        f"agi_network: yes\nagi_network_script: rating?call_id={call_id}&linked_id={call_id}0&agent=A1024"
+        f"&work_order=WO-{call_id}\nagi_request: agi://127.0.0.1:{port}/rating\nagi_channel: PJSIP/caller-1\n"
+        f"agi_uniqueid: {call_id}\nagi_callerid: {caller}\n\n"
+    )
+    commands = []
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(env.encode())
+        reader = sock.makefile("rb")
+        answers = [
+            b"200 result=0\n",
+            f"200 result={ord(key)} endpos=4000\n".encode(),
+            b"200 result=1\n",
+            b"200 result=0 endpos=23000\n",
+        ]
+        for answer in answers:
+            commands.append(reader.readline())
+            sock.sendall(answer)
+        assert reader.readline() == b""  # the gateway closes: the dialplan goes on
+        reader.close()
+    return commands
+
+
+def test_operators_find_a_voice_rating_by_call_work_order_and_agent(gateway: RunningGateway) -> None:
+    """Issue 3 §6 and SPEC R5.1: look-ups by API and CLI, phone masked, never in the logs."""
+    port = int(gateway.env["GATEWAY_AGI_PORT"])
+    commands = rate_by_phone(port, "1795370491.70", "4", caller="13912345678")
+    assert commands[2] == b'SET VARIABLE HCP_RATING "2"\n'
+    operator = gateway.cli("token", "create", "--role", "operator").stdout.strip()
+    for query in (
+        "call_id=1795370491.70",
+        "work_order=WO-1795370491.70",
+        "agent=A1024&from=2026-01-01",
+        "linked_id=1795370491.700",
+    ):
+        status, body = gateway.request("GET", f"/v1/ratings?{query}", token=operator)
+        assert status == 200, body
+        found = [r for r in body["ratings"] if r["service"]["callId"] == "1795370491.70"]
+        assert len(found) == 1
+        assert found[0]["level"] == 2 and found[0]["levelName"] == "不满意" and found[0]["rawInput"] == "4"
+        assert found[0]["channel"] == "voice" and found[0]["service"]["mobileMasked"] == "139****5678"
+    assert gateway.request("GET", "/v1/ratings?call_id=x&colour=red", token=operator)[0] == 400
+    assert gateway.request("GET", "/v1/ratings", token=operator)[0] == 400
+    cli = gateway.cli("ratings", "--work-order", "WO-1795370491.70", "--json")
+    assert cli.returncode == 0, cli.stderr
+    rows = json.loads(cli.stdout)
+    assert [(r["level"], r["levelName"], r["channel"], r["rawInput"]) for r in rows] == [(2, "不满意", "voice", "4")]
+    text = gateway.cli("ratings", "--call-id", "1795370491.70").stdout
+    assert "不满意" in text and "139****5678" in text and "13912345678" not in text
+    assert "13912345678" not in gateway.log.read_text()
