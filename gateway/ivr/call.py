@@ -78,8 +78,12 @@ Output = Write | StoreRating | StoreDetail | Close
 class RatingCall:
     """Feeds the wire to the dialogue and turns its actions into outputs for an adapter."""
 
-    def __init__(self, settings: DialogueSettings, *, max_line_length: int = agi.MAX_LINE_LENGTH) -> None:
+    def __init__(
+        self, settings: DialogueSettings, *, max_line_length: int = agi.MAX_LINE_LENGTH, check_script: bool = True
+    ) -> None:
+        """``check_script``: FastAGI routes by URL path; a classic script is whatever Asterisk ran."""
         self.settings = settings
+        self.check_script = check_script
         self.connection = agi.AGIConnection(max_line_length=max_line_length)
         self.dialogue: Dialogue | None = None
         self.request: agi.AGIRequest | None = None
@@ -137,7 +141,7 @@ class RatingCall:
         self.request = request
         self.hand_off = hand_off_from_request(request)
         script = request.script.strip("/").rsplit("/", 1)[-1]
-        if script not in RATING_SCRIPTS:
+        if self.check_script and script not in RATING_SCRIPTS:
             log.warning("event=agi.unknown_script script=%r", request.script[:80])
             return self._close(None, f"unknown AGI script {request.script[:80]!r}; use agi://host:port/rating")
         self.dialogue = Dialogue(self.settings, self.call_id or "unknown")

@@ -113,7 +113,7 @@ def main() -> int:
     store = Store.from_config(config, upgrade=False)
     with open(os.devnull, "w") as quiet:  # pyst2 echoes the environment, caller number included
         environment, hung_up = read_environment(sys.stdin.buffer, quiet)  # type: ignore[arg-type]
-    call = RatingCall(dialogue_settings(config))
+    call = RatingCall(dialogue_settings(config), check_script=False)
     try:
         return run_call(sys.stdin.buffer, sys.stdout.buffer, store, call, environment, hung_up)
     except BrokenPipeError:
