@@ -56,6 +56,8 @@ _PLAIN_FIELDS = (
 
 
 _DERIVED = ("mobile_enc", "mobile_masked", "email_enc")
+# What the AGI hand-off may set on a call's service record (every row of a bulk insert has them all).
+_CALL_RECORD_FIELDS = ("agent_id", "work_order", "queue", "matter_code", "mobile_enc", "mobile_hash", "mobile_masked")
 
 
 class StoreError(Exception):
@@ -339,19 +341,144 @@ class Store:
         return fields
 
     def write_together(self, calls: Sequence[tuple[str, dict[str, Any]]]) -> list[Any]:
-        """Run several ``tx_*`` methods in one transaction (group commit), each in a savepoint.
+        """Run several ``tx_*`` writes in one transaction (group commit).
 
-        Returns each call's result, or the exception that call raised (the others still
-        commit). Many concurrent calls' writes cost one commit instead of one each.
+        Consecutive writes of one kind that has a ``bulk_*`` form go together in a few
+        statements; if that fails (e.g. two instances raced on one record), they are redone
+        one by one. Each write runs in a savepoint, so one bad write fails alone: the result
+        list holds each write's result or the exception it raised.
         """
         results: list[Any] = []
         with self.engine.begin() as connection:
-            for name, kwargs in calls:
-                try:
-                    with connection.begin_nested():
-                        results.append(getattr(self, "tx_" + name)(connection, **kwargs))
-                except Exception as error:  # reported to that caller alone
-                    results.append(error)
+            index = 0
+            while index < len(calls):
+                name = calls[index][0]
+                end = index
+                while end < len(calls) and calls[end][0] == name:
+                    end += 1
+                group = [kwargs for _, kwargs in calls[index:end]]
+                bulk = getattr(self, "bulk_" + name, None)
+                done = False
+                if bulk is not None and len(group) > 1:
+                    try:
+                        with connection.begin_nested():
+                            results.extend(bulk(connection, group))
+                        done = True
+                    except Exception:  # redo one by one below, each failing alone
+                        done = False
+                if not done:
+                    for kwargs in group:
+                        try:
+                            with connection.begin_nested():
+                                results.append(getattr(self, "tx_" + name)(connection, **kwargs))
+                        except Exception as error:  # reported to that caller alone
+                            results.append(error)
+                index = end
+        return results
+
+    def bulk_call_rating(self, connection: Connection, items: list[dict[str, Any]]) -> list[tuple[str, bool]]:
+        """Many hotline ratings in a handful of statements: what :meth:`tx_call_rating` does for one.
+
+        Raises on any conflict (e.g. another instance counted a rating of the same call a
+        moment ago); :meth:`write_together` then redoes the writes one by one.
+        """
+        s, r = service_records.c, ratings.c
+        now = utcnow()
+        call_ids = sorted({item["hand_off"].get("call_id") or "" for item in items})
+        known: dict[str, int] = {}
+        for row in connection.execute(select(s.id, s.call_id, s.external_id).where(s.call_id.in_(call_ids))):
+            known.setdefault(row.call_id, row.id)
+        missing = [c for c in call_ids if c not in known]
+        if missing:
+            for row in connection.execute(select(s.id, s.external_id).where(s.external_id.in_(missing))):
+                known.setdefault(row.external_id, row.id)
+        linked = {
+            item["hand_off"].get("linked_id"): item
+            for item in items
+            if (item["hand_off"].get("call_id") or "") not in known and item["hand_off"].get("linked_id")
+        }
+        if linked:
+            rows = connection.execute(
+                select(s.id, s.linked_id).where(s.linked_id.in_(list(linked)), s.kind == "call").order_by(s.id)
+            )
+            for row in rows:
+                call_id = linked[row.linked_id]["hand_off"].get("call_id") or ""
+                known.setdefault(call_id, row.id)
+        new_records: dict[str, dict[str, Any]] = {}
+        for item in items:
+            hand_off = item["hand_off"]
+            call_id = hand_off.get("call_id") or ""
+            if call_id not in known and call_id not in new_records:
+                new_records[call_id] = {
+                    "external_id": call_id,
+                    "kind": "call",
+                    "call_id": call_id,
+                    "linked_id": hand_off.get("linked_id"),
+                    "completed_at": now,
+                    "created_at": now,
+                    "updated_at": now,
+                    **{column: None for column in _CALL_RECORD_FIELDS},
+                    **{k: v for k, v in self._call_fields(hand_off).items() if v},
+                }
+        if new_records:
+            connection.execute(insert(service_records), list(new_records.values()))
+            for row in connection.execute(select(s.id, s.external_id).where(s.external_id.in_(list(new_records)))):
+                known[row.external_id] = row.id
+        pks = sorted({known[item["hand_off"].get("call_id") or ""] for item in items})
+        rated = set(
+            connection.execute(
+                select(r.service_record_id).where(
+                    r.service_record_id.in_(pks), r.is_attempt.is_(False), r.is_follow_up.is_(False), r.visit_id == ""
+                )
+            ).scalars()
+        )
+        rating_rows: list[dict[str, Any]] = []
+        results: list[tuple[str, bool]] = []
+        for item in items:
+            pk = known[item["hand_off"].get("call_id") or ""]
+            counted = pk not in rated
+            rated.add(pk)
+            record_id = ids.new_id("ev")
+            rating_rows.append(
+                {
+                    "record_id": record_id,
+                    "service_record_id": pk,
+                    "level": int(item["level"]),
+                    "channel": Channel.VOICE.value,
+                    "raw_input": item["key"],
+                    "comment": None,
+                    "reasons": None,
+                    "is_default": False,
+                    "is_attempt": not counted,
+                    "rated_at": item["rated_at"],
+                    "created_at": now,
+                }
+            )
+            results.append((record_id, counted))
+        connection.execute(insert(ratings), rating_rows)
+        counted_ids = [row["record_id"] for row in rating_rows if not row["is_attempt"]]
+        if counted_ids:
+            rating_pks = connection.execute(select(r.id, r.record_id).where(r.record_id.in_(counted_ids))).all()
+            connection.execute(
+                insert(outbox),
+                [
+                    {
+                        "record_id": record_id,
+                        "record_type": "evaluation",
+                        "rating_id": rating_pk,
+                        "status": "pending",
+                        "attempts": 0,
+                        "next_attempt_at": now,
+                        "created_at": now,
+                    }
+                    for rating_pk, record_id in rating_pks
+                ],
+            )
+        connection.execute(
+            update(service_records)
+            .where(s.id.in_(pks), s.unrated_reason.is_not(None))
+            .values(unrated_reason=None, updated_at=now)
+        )
         return results
 
     def record_call_rating(

@@ -144,3 +144,48 @@ def test_tokens_have_roles_and_only_their_hash_is_kept(store: Store) -> None:
 def test_upgrade_is_idempotent(store: Store) -> None:
     migrate.upgrade(store.engine)
     assert migrate.current_revision(store.engine) == migrate.head_revision(store.engine)
+
+
+def test_group_commit_of_call_ratings_matches_one_by_one_writes(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bulk path (many calls ending together) keeps SPEC R1.4 and R7.1 exactly as the single path."""
+    store.upsert_service_records([ServiceRecordInput(id="WO-REPORTED", kind=ServiceKind.CALL, call_id="c-2")])
+
+    def rating(call_id: str, key: str, linked: str | None = None) -> tuple[str, dict[str, object]]:
+        level = {"1": Level.VERY_SATISFIED, "2": Level.SATISFIED, "5": Level.VERY_DISSATISFIED}[key]
+        hand_off = {
+            "call_id": call_id,
+            "linked_id": linked,
+            "agent_id": "A1",
+            "work_order": None,
+            "queue": None,
+            "matter_code": None,
+            "caller": "13800138000",
+        }
+        return "call_rating", {"hand_off": hand_off, "level": level, "key": key, "rated_at": NOW}
+
+    results = store.write_together(
+        [
+            rating("c-1", "1"),
+            rating("c-2", "2"),
+            rating("c-1", "5"),
+            rating("c-3", "2"),
+            ("unrated_call", {"hand_off": {"call_id": "c-4"}, "reason": "timeout"}),
+            rating("c-5", "1"),
+        ]
+    )
+    assert [r[1] for r in results if isinstance(r, tuple)] == [True, True, False, True, True]
+    assert results[4] is None
+    assert [(r.level, r.is_attempt) for r in store.find_ratings(call_id="c-1")] == [
+        (Level.VERY_SATISFIED, False),
+        (Level.VERY_DISSATISFIED, True),
+    ]
+    assert [r.service_id for r in store.find_ratings(call_id="c-2")] == ["WO-REPORTED"]  # linked to the intake's record
+    assert store.find_ratings(call_id="c-3")[0].mobile_masked == "138****8000"
+    with monkeypatch.context() as patch:  # prove the bulk path itself did the work
+        patch.setattr(store, "tx_call_rating", lambda *a, **k: pytest.fail("bulk path not taken"))
+        again = store.write_together([rating("c-3", "5"), rating("c-6", "1")])
+    assert [r[1] for r in again] == [False, True]
+    with store.engine.connect() as connection:
+        pushed = set(connection.execute(select(outbox.c.record_id)).scalars())
+        counted = set(connection.execute(select(ratings.c.record_id).where(ratings.c.is_attempt.is_(False))).scalars())
+    assert pushed == counted and len(counted) == 5

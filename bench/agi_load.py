@@ -1,0 +1,273 @@
+"""FastAGI load benchmark: the gateway (SQLite, every rating durable) against a pyst2 reference.
+
+    .venv/bin/python bench/agi_load.py                    # concurrency 1, 50, 500
+    .venv/bin/python bench/agi_load.py --concurrency 500 --calls 5000
+
+Plays Asterisk's side with the simulated channel of ``gateway.testing.asterisk`` (faithful to
+the recorded transcripts) for many concurrent calls with a mix of paths: key during the
+prompt, key after it, invalid then valid, no key at all, hang-up during the prompt, key then
+hang-up. Both servers run as their own processes; this process is the load generator.
+
+Reported per server and concurrency: rated calls/s and all calls/s, and the command round
+trip (from Asterisk's answer to the program's next command, p50/p99). Checked: every key the
+simulated Asterisk delivered to a GET OPTION is the rating stored (the gateway: read back from
+its SQLite store; the reference: the dict it dumps on SIGTERM), and nothing else was stored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import wave
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from twisted.internet import defer, task
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from gateway.testing import asterisk as sim  # noqa: E402
+
+TIME_SCALE = 0.01  # 1 simulated second = 10 ms: prompts keep their proportions, calls are short
+
+# (weight, name, caller script in simulated seconds); the menu prompt lasts 14.5 s.
+PATHS = [
+    (55, "key during prompt", "w5 d{key}"),
+    (10, "key after prompt", "w16 d{key}"),
+    (10, "invalid then valid", "w4 d9 w12 d{key}"),
+    (5, "no key", "w200"),
+    (10, "hang-up during prompt", "w4 h"),
+    (10, "key then hang-up", "w5 d{key} w0.1 h"),
+]
+MENU_KEY = re.compile(rb"^200 result=(\d+)")
+
+
+def prompt_seconds() -> dict[str, float]:
+    seconds = {}
+    for path in (REPO / "prompts" / "zh").glob("*.wav"):
+        with wave.open(str(path)) as audio:
+            seconds[f"hcp/{path.stem}"] = audio.getnframes() / audio.getframerate()
+    return seconds
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, process: subprocess.Popen[bytes], limit: float = 30) -> None:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"server exited with {process.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listens on {port} after {limit} s")
+
+
+@dataclass
+class Server:
+    name: str
+    port: int
+    process: subprocess.Popen[bytes]
+    workdir: Path
+
+    def stored(self) -> dict[str, str]:
+        """call id → key of every counted rating, read after the server stopped."""
+        if self.name == "gateway":
+            connection = sqlite3.connect(self.workdir / "data" / "gateway.sqlite3")
+            rows = connection.execute(
+                "SELECT s.call_id, r.raw_input FROM ratings r JOIN service_records s ON s.id = r.service_record_id "
+                "WHERE r.is_attempt = 0"
+            ).fetchall()
+            connection.close()
+            return dict(rows)
+        return json.loads((self.workdir / "results.json").read_text())
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(timeout=60)
+
+
+def start_gateway(workdir: Path) -> Server:
+    port = free_port()
+    env = {
+        **os.environ,
+        "GATEWAY_STORE_DATA_DIR": str(workdir / "data"),
+        "GATEWAY_AGI_PORT": str(port),
+        "GATEWAY_HTTP_ENABLED": "false",
+        "GATEWAY_LOG_LEVEL": "warning",
+    }
+    process = subprocess.Popen([sys.executable, "-m", "gateway", "run"], env=env, stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL, stderr=(workdir / "gateway.log").open("wb"))
+    wait_for_port(port, process)
+    return Server("gateway", port, process, workdir)
+
+
+def start_reference(workdir: Path) -> Server:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "bench" / "peers" / "pyst2_fastagi.py"), str(port), str(workdir / "results.json")],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=(workdir / "reference.log").open("wb"),
+    )
+    wait_for_port(port, process)
+    return Server("pyst2 reference", port, process, workdir)
+
+
+@dataclass
+class LoadResult:
+    calls: int
+    seconds: float
+    delivered: dict[str, str]  # call id → key that reached a GET OPTION of the rating menu
+    round_trips_ms: list[float]
+    failures: int
+
+    @property
+    def rated(self) -> int:
+        return len(self.delivered)
+
+
+def analyse(call_id: str, result: sim.CallResult, out: LoadResult) -> None:
+    """The key the simulated Asterisk delivered to the rating menu, and each command's round trip."""
+    last_answer: float | None = None
+    asked_menu = False
+    for line in result.transcript:
+        if line.direction == "<<":
+            if asked_menu and call_id not in out.delivered:
+                match = MENU_KEY.match(line.data)
+                if match and chr(int(match[1])) in "12345":
+                    out.delivered[call_id] = chr(int(match[1]))
+            asked_menu = False
+            last_answer = line.time
+        elif line.direction == ">>":
+            asked_menu = line.data.startswith(b"GET OPTION hcp/hcp-rating-menu")
+            if last_answer is not None:
+                out.round_trips_ms.append((line.time - last_answer) * TIME_SCALE * 1000)
+                last_answer = None
+    if result.agi_status == "FAILURE" or result.timed_out:
+        out.failures += 1
+
+
+def run_load(reactor: object, port: int, calls: int, concurrency: int, tag: str, seed: int) -> defer.Deferred[LoadResult]:
+    rng = random.Random(seed)
+    weights = [w for w, _, _ in PATHS]
+    seconds = prompt_seconds()
+    out = LoadResult(calls, 0.0, {}, [], 0)
+
+    def one(index: int) -> defer.Deferred[None]:
+        _, _, script = rng.choices(PATHS, weights)[0]
+        call_id = f"{tag}.{index}"
+        deferred = sim.place_call(
+            reactor, "127.0.0.1", port, f"rating?call_id={call_id}&agent=A{index % 300}&work_order=WO-{index}",
+            script.format(key=rng.choice("12345")), time_scale=TIME_SCALE, timeout=120, connect_timeout=30,
+            prompt_seconds=seconds, agi_env={"agi_uniqueid": call_id},
+        )
+        return deferred.addCallback(lambda result: analyse(call_id, result, out))
+
+    def calls_iter() -> Iterator[defer.Deferred[None]]:
+        for index in range(calls):
+            yield one(index)
+
+    started = time.perf_counter()
+    work = calls_iter()
+    cooperator = task.Cooperator()
+    runners = [cooperator.coiterate(work) for _ in range(concurrency)]
+
+    def done(_: object) -> LoadResult:
+        out.seconds = time.perf_counter() - started
+        return out
+
+    return defer.gatherResults(runners).addCallback(done)
+
+
+def measure(server_factory: object, calls: int, concurrency: int, seed: int) -> tuple[LoadResult, dict[str, str]]:
+    """Start a server, load it in a child process's reactor, stop it, read back what it stored."""
+    with tempfile.TemporaryDirectory() as tmp:
+        server = server_factory(Path(tmp))  # type: ignore[operator]
+        try:
+            result = subprocess.run(
+                [sys.executable, __file__, "--drive", str(server.port), "--calls", str(calls),
+                 "--concurrency", str(concurrency), "--seed", str(seed)],
+                capture_output=True, text=True, check=True, timeout=1800,
+            )
+        finally:
+            server.stop()
+        data = json.loads(result.stdout)
+        load = LoadResult(data["calls"], data["seconds"], data["delivered"], data["round_trips_ms"], data["failures"])
+        return load, server.stored()
+
+
+def drive(port: int, calls: int, concurrency: int, seed: int) -> None:
+    """The load generator's own process (one reactor, so that every level starts fresh)."""
+    from twisted.internet import reactor
+
+    results: list[LoadResult] = []
+
+    def go(_reactor: object) -> defer.Deferred[None]:
+        return run_load(reactor, port, calls, concurrency, f"{concurrency}.{seed}", seed).addCallback(results.append)
+
+    try:
+        task.react(go)
+    except SystemExit as exit_:
+        if exit_.code not in (0, None):
+            raise
+    load = results[0]
+    print(json.dumps({"calls": load.calls, "seconds": load.seconds, "delivered": load.delivered,
+                      "round_trips_ms": load.round_trips_ms, "failures": load.failures}))
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    return statistics.quantiles(values, n=1000, method="inclusive")[int(q * 10) - 1] if len(values) > 1 else values[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concurrency", type=int, nargs="*", default=[1, 50, 500])
+    parser.add_argument("--calls", type=int, default=0, help="calls per level (default: 200 × concurrency, ≤ 10000)")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--drive", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.drive:
+        drive(args.drive, args.calls, args.concurrency[0], args.seed)
+        return
+    print(f"FastAGI load, time scale {TIME_SCALE} (prompts and caller timing 100x faster than life)")
+    print(f"{'server':<16} {'conc':>5} {'calls':>6} {'rated':>6} {'calls/s':>8} {'rated/s':>8} "
+          f"{'rtt p50':>8} {'rtt p99':>8}  check")
+    exit_status = 0
+    for concurrency in args.concurrency:
+        calls = args.calls or min(10_000, max(200, 200 * concurrency))
+        for name, factory in (("gateway", start_gateway), ("pyst2 reference", start_reference)):
+            load, stored = measure(factory, calls, concurrency, args.seed)
+            wrong = {k for k in load.delivered if stored.get(k) != load.delivered[k]}
+            extra = set(stored) - set(load.delivered)
+            ok = not wrong and not extra
+            exit_status |= 0 if ok or name != "gateway" else 1
+            check = "ok: every delivered key stored" if ok else f"LOST/WRONG {len(wrong)}, EXTRA {len(extra)}"
+            print(f"{name:<16} {concurrency:>5} {load.calls:>6} {load.rated:>6} {load.calls / load.seconds:>8.0f} "
+                  f"{load.rated / load.seconds:>8.0f} {percentile(load.round_trips_ms, 50):>6.1f}ms "
+                  f"{percentile(load.round_trips_ms, 99):>6.1f}ms  {check}"
+                  + (f" (failures {load.failures})" if load.failures else ""), flush=True)
+    sys.exit(exit_status)
+
+
+if __name__ == "__main__":
+    main()
