@@ -376,37 +376,40 @@ class Store:
                 index = end
         return results
 
-    def bulk_call_rating(self, connection: Connection, items: list[dict[str, Any]]) -> list[tuple[str, bool]]:
-        """Many hotline ratings in a handful of statements: what :meth:`tx_call_rating` does for one.
+    def _call_records(
+        self,
+        connection: Connection,
+        hand_offs: list[dict[str, Any]],
+        now: datetime,
+        unrated: dict[str, str] | None = None,
+    ) -> dict[str, int]:
+        """call id → service record id for many calls at once, creating the unknown ones.
 
-        Raises on any conflict (e.g. another instance counted a rating of the same call a
-        moment ago); :meth:`write_together` then redoes the writes one by one.
+        The same look-up order as :meth:`find_or_create_call_record`: Asterisk unique id,
+        record id, then linked id. ``unrated`` gives new records their not-rated reason.
         """
-        s, r = service_records.c, ratings.c
-        now = utcnow()
-        call_ids = sorted({item["hand_off"].get("call_id") or "" for item in items})
+        s = service_records.c
+        call_ids = sorted({hand_off.get("call_id") or "" for hand_off in hand_offs})
         known: dict[str, int] = {}
-        for row in connection.execute(select(s.id, s.call_id, s.external_id).where(s.call_id.in_(call_ids))):
+        for row in connection.execute(select(s.id, s.call_id).where(s.call_id.in_(call_ids)).order_by(s.id)):
             known.setdefault(row.call_id, row.id)
         missing = [c for c in call_ids if c not in known]
         if missing:
             for row in connection.execute(select(s.id, s.external_id).where(s.external_id.in_(missing))):
                 known.setdefault(row.external_id, row.id)
         linked = {
-            item["hand_off"].get("linked_id"): item
-            for item in items
-            if (item["hand_off"].get("call_id") or "") not in known and item["hand_off"].get("linked_id")
+            hand_off.get("linked_id"): hand_off.get("call_id") or ""
+            for hand_off in hand_offs
+            if (hand_off.get("call_id") or "") not in known and hand_off.get("linked_id")
         }
         if linked:
             rows = connection.execute(
                 select(s.id, s.linked_id).where(s.linked_id.in_(list(linked)), s.kind == "call").order_by(s.id)
             )
             for row in rows:
-                call_id = linked[row.linked_id]["hand_off"].get("call_id") or ""
-                known.setdefault(call_id, row.id)
+                known.setdefault(linked[row.linked_id], row.id)
         new_records: dict[str, dict[str, Any]] = {}
-        for item in items:
-            hand_off = item["hand_off"]
+        for hand_off in hand_offs:
             call_id = hand_off.get("call_id") or ""
             if call_id not in known and call_id not in new_records:
                 new_records[call_id] = {
@@ -417,6 +420,7 @@ class Store:
                     "completed_at": now,
                     "created_at": now,
                     "updated_at": now,
+                    "unrated_reason": (unrated or {}).get(call_id),
                     **{column: None for column in _CALL_RECORD_FIELDS},
                     **{k: v for k, v in self._call_fields(hand_off).items() if v},
                 }
@@ -424,6 +428,34 @@ class Store:
             connection.execute(insert(service_records), list(new_records.values()))
             for row in connection.execute(select(s.id, s.external_id).where(s.external_id.in_(list(new_records)))):
                 known[row.external_id] = row.id
+        return known
+
+    def bulk_unrated_call(self, connection: Connection, items: list[dict[str, Any]]) -> list[None]:
+        """Many calls that ended not rated (SPEC R2.3), as :meth:`tx_unrated_call` does for one."""
+        now = utcnow()
+        reasons = {(item["hand_off"].get("call_id") or ""): item["reason"] for item in items}
+        known = self._call_records(connection, [item["hand_off"] for item in items], now, unrated=reasons)
+        by_reason: dict[str, list[int]] = {}
+        for call_id, reason in reasons.items():
+            by_reason.setdefault(reason, []).append(known[call_id])
+        has_rating = select(ratings.c.id).where(ratings.c.service_record_id == service_records.c.id).exists()
+        for reason, pks in by_reason.items():
+            connection.execute(
+                update(service_records)
+                .where(service_records.c.id.in_(pks), ~has_rating)
+                .values(unrated_reason=reason, updated_at=now)
+            )
+        return [None] * len(items)
+
+    def bulk_call_rating(self, connection: Connection, items: list[dict[str, Any]]) -> list[tuple[str, bool]]:
+        """Many hotline ratings in a handful of statements: what :meth:`tx_call_rating` does for one.
+
+        Raises on any conflict (e.g. another instance counted a rating of the same call a
+        moment ago); :meth:`write_together` then redoes the writes one by one.
+        """
+        s, r = service_records.c, ratings.c
+        now = utcnow()
+        known = self._call_records(connection, [item["hand_off"] for item in items], now)
         pks = sorted({known[item["hand_off"].get("call_id") or ""] for item in items})
         rated = set(
             connection.execute(

@@ -189,3 +189,21 @@ def test_group_commit_of_call_ratings_matches_one_by_one_writes(store: Store, mo
         pushed = set(connection.execute(select(outbox.c.record_id)).scalars())
         counted = set(connection.execute(select(ratings.c.record_id).where(ratings.c.is_attempt.is_(False))).scalars())
     assert pushed == counted and len(counted) == 5
+
+
+def test_group_commit_of_unrated_calls_never_marks_a_rated_call(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SPEC R2.3/R2.4: a call with a rating is never recorded not rated, in bulk as one by one."""
+    store.record_call_rating({"call_id": "c-1"}, level=Level.SATISFIED, key="2", rated_at=NOW)
+    monkeypatch.setattr(store, "tx_unrated_call", lambda *a, **k: pytest.fail("bulk path not taken"))
+    results = store.write_together(
+        [
+            ("unrated_call", {"hand_off": {"call_id": c, "linked_id": None}, "reason": reason})
+            for c, reason in (("c-1", "hangup"), ("c-7", "timeout"), ("c-8", "invalid"), ("c-7", "timeout"))
+        ]
+    )
+    assert results == [None] * 4
+    assert [(c, (store.get_service_record(c) or {}).get("unratedReason")) for c in ("c-1", "c-7", "c-8")] == [
+        ("c-1", None),
+        ("c-7", "timeout"),
+        ("c-8", "invalid"),
+    ]
