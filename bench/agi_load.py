@@ -115,8 +115,13 @@ def start_gateway(workdir: Path) -> Server:
         "GATEWAY_HTTP_ENABLED": "false",
         "GATEWAY_LOG_LEVEL": "warning",
     }
-    process = subprocess.Popen([sys.executable, "-m", "gateway", "run"], env=env, stdin=subprocess.DEVNULL,
-                               stdout=subprocess.DEVNULL, stderr=(workdir / "gateway.log").open("wb"))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "run"],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=(workdir / "gateway.log").open("wb"),
+    )
     wait_for_port(port, process)
     return Server("gateway", port, process, workdir)
 
@@ -125,7 +130,9 @@ def start_reference(workdir: Path) -> Server:
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, str(REPO / "bench" / "peers" / "pyst2_fastagi.py"), str(port), str(workdir / "results.json")],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=(workdir / "reference.log").open("wb"),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=(workdir / "reference.log").open("wb"),
     )
     wait_for_port(port, process)
     return Server("pyst2 reference", port, process, workdir)
@@ -165,7 +172,9 @@ def analyse(call_id: str, result: sim.CallResult, out: LoadResult) -> None:
         out.failures += 1
 
 
-def run_load(reactor: object, port: int, calls: int, concurrency: int, tag: str, seed: int) -> defer.Deferred[LoadResult]:
+def run_load(
+    reactor: object, port: int, calls: int, concurrency: int, tag: str, seed: int
+) -> defer.Deferred[LoadResult]:
     rng = random.Random(seed)
     weights = [w for w, _, _ in PATHS]
     seconds = prompt_seconds()
@@ -175,9 +184,16 @@ def run_load(reactor: object, port: int, calls: int, concurrency: int, tag: str,
         _, _, script = rng.choices(PATHS, weights)[0]
         call_id = f"{tag}.{index}"
         deferred = sim.place_call(
-            reactor, "127.0.0.1", port, f"rating?call_id={call_id}&agent=A{index % 300}&work_order=WO-{index}",
-            script.format(key=rng.choice("12345")), time_scale=TIME_SCALE, timeout=120, connect_timeout=30,
-            prompt_seconds=seconds, agi_env={"agi_uniqueid": call_id},
+            reactor,
+            "127.0.0.1",
+            port,
+            f"rating?call_id={call_id}&agent=A{index % 300}&work_order=WO-{index}",
+            script.format(key=rng.choice("12345")),
+            time_scale=TIME_SCALE,
+            timeout=120,
+            connect_timeout=30,
+            prompt_seconds=seconds,
+            agi_env={"agi_uniqueid": call_id},
         )
         return deferred.addCallback(lambda result: analyse(call_id, result, out))
 
@@ -203,9 +219,22 @@ def measure(server_factory: object, calls: int, concurrency: int, seed: int) -> 
         server = server_factory(Path(tmp))  # type: ignore[operator]
         try:
             result = subprocess.run(
-                [sys.executable, __file__, "--drive", str(server.port), "--calls", str(calls),
-                 "--concurrency", str(concurrency), "--seed", str(seed)],
-                capture_output=True, text=True, check=True, timeout=1800,
+                [
+                    sys.executable,
+                    __file__,
+                    "--drive",
+                    str(server.port),
+                    "--calls",
+                    str(calls),
+                    "--concurrency",
+                    str(concurrency),
+                    "--seed",
+                    str(seed),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=1800,
             )
         finally:
             server.stop()
@@ -229,8 +258,17 @@ def drive(port: int, calls: int, concurrency: int, seed: int) -> None:
         if exit_.code not in (0, None):
             raise
     load = results[0]
-    print(json.dumps({"calls": load.calls, "seconds": load.seconds, "delivered": load.delivered,
-                      "round_trips_ms": load.round_trips_ms, "failures": load.failures}))
+    print(
+        json.dumps(
+            {
+                "calls": load.calls,
+                "seconds": load.seconds,
+                "delivered": load.delivered,
+                "round_trips_ms": load.round_trips_ms,
+                "failures": load.failures,
+            }
+        )
+    )
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -250,8 +288,10 @@ def main() -> None:
         drive(args.drive, args.calls, args.concurrency[0], args.seed)
         return
     print(f"FastAGI load, time scale {TIME_SCALE} (prompts and caller timing 100x faster than life)")
-    print(f"{'server':<16} {'conc':>5} {'calls':>6} {'rated':>6} {'calls/s':>8} {'rated/s':>8} "
-          f"{'rtt p50':>8} {'rtt p99':>8}  check")
+    print(
+        f"{'server':<16} {'conc':>5} {'calls':>6} {'rated':>6} {'calls/s':>8} {'rated/s':>8} "
+        f"{'rtt p50':>8} {'rtt p99':>8}  check"
+    )
     exit_status = 0
     for concurrency in args.concurrency:
         calls = args.calls or min(10_000, max(200, 200 * concurrency))
@@ -262,10 +302,13 @@ def main() -> None:
             ok = not wrong and not extra
             exit_status |= 0 if ok or name != "gateway" else 1
             check = "ok: every delivered key stored" if ok else f"LOST/WRONG {len(wrong)}, EXTRA {len(extra)}"
-            print(f"{name:<16} {concurrency:>5} {load.calls:>6} {load.rated:>6} {load.calls / load.seconds:>8.0f} "
-                  f"{load.rated / load.seconds:>8.0f} {percentile(load.round_trips_ms, 50):>6.1f}ms "
-                  f"{percentile(load.round_trips_ms, 99):>6.1f}ms  {check}"
-                  + (f" (failures {load.failures})" if load.failures else ""), flush=True)
+            print(
+                f"{name:<16} {concurrency:>5} {load.calls:>6} {load.rated:>6} {load.calls / load.seconds:>8.0f} "
+                f"{load.rated / load.seconds:>8.0f} {percentile(load.round_trips_ms, 50):>6.1f}ms "
+                f"{percentile(load.round_trips_ms, 99):>6.1f}ms  {check}"
+                + (f" (failures {load.failures})" if load.failures else ""),
+                flush=True,
+            )
     sys.exit(exit_status)
 
 

@@ -27,27 +27,34 @@ def write_csv(path: Path, rows: int, seed: int = 7) -> None:
         writer = csv.writer(handle)
         writer.writerow(CSV_COLUMNS)
         for i in range(rows):
-            writer.writerow([
-                f"BJ{i:09d}",
-                "matter" if i % 4 else "call",
-                f"2026-11-{1 + i % 20:02d}T{8 + i % 9:02d}:{i % 60:02d}:00+08:00" if i % 10 else "",
-                f"13{rng.randrange(10**9):09d}",
-                f"user{i}@example.cn" if i % 3 == 0 else "",
-                f"1111000000000000X40001{i % 500:05d}",
-                "不动产登记（转移登记）",
-                "11620100013922046L",
-                "兰州市自然资源局",
-                f"A{i % 300:04d}",
-                f"GD2026{i:09d}" if i % 4 == 0 else "",
-                f"B{i // 3}" if i % 7 == 0 else "",
-                f"T{i // 5}" if i % 11 == 0 else "",
-            ])
+            writer.writerow(
+                [
+                    f"BJ{i:09d}",
+                    "matter" if i % 4 else "call",
+                    f"2026-11-{1 + i % 20:02d}T{8 + i % 9:02d}:{i % 60:02d}:00+08:00" if i % 10 else "",
+                    f"13{rng.randrange(10**9):09d}",
+                    f"user{i}@example.cn" if i % 3 == 0 else "",
+                    f"1111000000000000X40001{i % 500:05d}",
+                    "不动产登记（转移登记）",
+                    "11620100013922046L",
+                    "兰州市自然资源局",
+                    f"A{i % 300:04d}",
+                    f"GD2026{i:09d}" if i % 4 == 0 else "",
+                    f"B{i // 3}" if i % 7 == 0 else "",
+                    f"T{i // 5}" if i % 11 == 0 else "",
+                ]
+            )
 
 
 def run_import(path: Path, env: dict[str, str]) -> tuple[float, str]:
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "gateway", "import", "--quiet", str(path)], env=env,
-                            capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "import", "--quiet", str(path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     elapsed = time.perf_counter() - started
     if result.returncode != 0:
         raise SystemExit(f"import failed ({result.returncode}): {result.stderr[-2000:]}")

@@ -38,6 +38,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = _load(args)
     configure_logging(config.log.level, config.log.format)
     forward_twisted_logs()
+    # Store threads hold the GIL in slices; shorter slices keep the reactor's answers prompt.
+    sys.setswitchinterval(0.0005)
     return run(config, reactor)
 
 

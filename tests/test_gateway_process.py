@@ -219,7 +219,6 @@ def rate_by_phone(port: int, call_id: str, key: str, caller: str = "13800138000"
         sock.sendall(env.encode())
         reader = sock.makefile("rb")
         answers = [
-            b"200 result=0\n",
             f"200 result={ord(key)} endpos=4000\n".encode(),
             b"200 result=1\n",
             b"200 result=0 endpos=23000\n",
@@ -236,7 +235,8 @@ def test_operators_find_a_voice_rating_by_call_work_order_and_agent(gateway: Run
     """Issue 3 §6 and SPEC R5.1: look-ups by API and CLI, phone masked, never in the logs."""
     port = int(gateway.env["GATEWAY_AGI_PORT"])
     commands = rate_by_phone(port, "1795370491.70", "4", caller="13912345678")
-    assert commands[2] == b'SET VARIABLE HCP_RATING "2"\n'
+    assert commands[0].startswith(b"GET OPTION hcp/hcp-rating-menu")  # the dialplan answered already
+    assert commands[1] == b'SET VARIABLE HCP_RATING "2"\n'
     operator = gateway.cli("token", "create", "--role", "operator").stdout.strip()
     for query in (
         "call_id=1795370491.70",

@@ -1,7 +1,7 @@
 """The reference peer: a minimal pyst2 thread-per-call FastAGI handler, ratings kept in memory.
 
 What a site would write with the AGI library it knows: ``socketserver.ThreadingTCPServer``,
-one ``asterisk.agi.AGI`` per connection, the same commands as the gateway's dialogue (ANSWER,
+one ``asterisk.agi.AGI`` per connection, the same commands as the gateway's dialogue (
 GET OPTION with every key as escape digit, a hint and retry on a wrong key or silence, SET
 VARIABLE, a thank-you). pyst2's SIGHUP handler cannot be installed off the main thread, so
 it is skipped there (the one adaptation needed to run it threaded at all).
@@ -48,7 +48,6 @@ class Handler(socketserver.StreamRequestHandler):
                 script = agi.env.get("agi_network_script", "")
                 params = dict(parse_qsl(script.partition("?")[2]))
                 call_id = params.get("call_id") or agi.env.get("agi_uniqueid", "")
-                agi.answer()
                 for _ in range(3):
                     key = agi.get_option("hcp/hcp-rating-menu", "0123456789*#", 5000)
                     if key in KEYS:

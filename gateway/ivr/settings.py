@@ -16,5 +16,6 @@ def dialogue_settings(config: Config) -> DialogueSettings:
         reason_menu=agi_config.reason_menu,
         voice_comment=agi_config.voice_comment,
         comment_max_s=max(1, int(agi_config.comment_max)),
+        answer_first=agi_config.answer,
         comment_path_template=agi_config.comment_dir.rstrip("/") + "/{call_id}",
     )
