@@ -22,7 +22,7 @@ def random_key() -> str:
     return base64.b64encode(os.urandom(32)).decode()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgresql)])
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A fresh, empty database URL on each backend."""
     if request.param == "sqlite":
