@@ -68,6 +68,11 @@ def build_gateway(config: Config, reactor: Any, *, store: Store | None = None) -
 
         build_fastagi_service(config, reactor, deferred_store).setServiceParent(root)
 
+    if config.platform.enabled:
+        from gateway.platform.pusher import build_pusher
+
+        build_pusher(config, reactor, deferred_store).setServiceParent(root)
+
     if config.http.enabled:
         gateway.api = GatewayApi(
             deferred_store,

@@ -1,4 +1,4 @@
-"""The ``gateway`` command: run, config check, db upgrade, import, token, ratings, openapi.
+"""The ``gateway`` command: run, config check, db upgrade, import, token, ratings, reconcile, openapi.
 
 Errors people will see are sentences on stderr and a non-zero exit status, never a traceback.
 """
@@ -19,6 +19,7 @@ EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_SOME_REJECTED = 3
+EXIT_DIFFERENCES = 4
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -173,6 +174,22 @@ def cmd_ratings(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    """SPEC R7.3: a day's totals as stored, as pushed and as the platform holds them; 4 if they differ."""
+    from gateway.app import open_store
+    from gateway.platform.reconcile import format_text, reconcile
+
+    try:
+        day = datetime.strptime(args.date, "%Y-%m-%d").date()
+    except ValueError:
+        print(f"--date {args.date!r} is not a date; write it YYYY-MM-DD", file=sys.stderr)
+        return EXIT_USAGE
+    config = _load(args)
+    result = reconcile(open_store(config), day, None if args.no_platform else config.platform)
+    print(json.dumps(result.as_json(), ensure_ascii=False, indent=2) if args.json else format_text(result))
+    return EXIT_OK if result.consistent else EXIT_DIFFERENCES
+
+
 def cmd_openapi(args: argparse.Namespace) -> int:
     from gateway.openapi import build_openapi
 
@@ -222,6 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
     ratings.add_argument("--limit", type=int, default=100)
     ratings.add_argument("--json", action="store_true", help="machine-readable output")
     ratings.set_defaults(func=cmd_ratings)
+
+    reconciliation = commands.add_parser("reconcile", help="a day's totals: stored, pushed, and the platform's")
+    reconciliation.add_argument("--date", required=True, help="the day (YYYY-MM-DD, Asia/Shanghai)")
+    reconciliation.add_argument("--json", action="store_true", help="machine-readable output")
+    reconciliation.add_argument("--no-platform", action="store_true", help="do not ask the platform for its counts")
+    reconciliation.set_defaults(func=cmd_reconcile)
 
     commands.add_parser("openapi", help="print the OpenAPI document").set_defaults(func=cmd_openapi)
     return parser

@@ -203,7 +203,7 @@ outbox = Table(
     # The platform's idempotency key (PLATFORM.md recordId): the same on every retry.
     Column("record_id", String(64), nullable=False, unique=True),
     Column("record_type", String(16), nullable=False),  # evaluation | case
-    Column("rating_id", Id, ForeignKey("ratings.id"), nullable=True),
+    Column("rating_id", Id, ForeignKey("ratings.id"), nullable=True, index=True),
     Column("case_id", Id, ForeignKey("bad_rating_cases.id"), nullable=True),
     Column("status", String(12), nullable=False),  # pending | pushed | rejected
     Column("attempts", Integer, nullable=False, default=0),
@@ -211,6 +211,16 @@ outbox = Table(
     Column("last_error", Text, nullable=True),
     Column("created_at", UTCDateTime(), nullable=False),
     Column("pushed_at", UTCDateTime(), nullable=True),
+    # A pusher's lease on the row (SPEC R7.2): one instance pushes it at a time, and the claim of
+    # an instance that died expires by itself.
+    Column("claimed_by", String(64), nullable=True),
+    Column("claimed_until", UTCDateTime(), nullable=True),
+    # Why the platform refused the record as invalid; it is not retried unchanged (SPEC R7.2).
+    Column("rejected_reason", Text, nullable=True),
+    Column("pushed_batch_id", String(64), nullable=True),  # the batchId that the platform acknowledged
+    # The record as it was when queued, for records the current rows cannot reproduce (an older
+    # version of a bad-rating case); NULL: built from the current rows.
+    Column("payload", JSON, nullable=True),
     Index("ix_outbox_due", "status", "next_attempt_at"),
 )
 
