@@ -15,6 +15,7 @@ import os
 import re
 import tomllib
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -99,15 +100,20 @@ class DataProtector:
     encryption_key: bytes
     hash_key: bytes
 
+    @cached_property
+    def _aead(self) -> AESGCM:
+        """One cipher object per key: it holds no per-message state and is safe across threads."""
+        return AESGCM(self.encryption_key)
+
     def encrypt(self, text: str) -> bytes:
         nonce = os.urandom(12)
-        return _VERSION + nonce + AESGCM(self.encryption_key).encrypt(nonce, text.encode(), None)
+        return _VERSION + nonce + self._aead.encrypt(nonce, text.encode(), None)
 
     def decrypt(self, blob: bytes) -> str:
         if not blob or blob[:1] != _VERSION:
             raise ValueError("not a value encrypted by this gateway")
         try:
-            return AESGCM(self.encryption_key).decrypt(blob[1:13], blob[13:], None).decode()
+            return self._aead.decrypt(blob[1:13], blob[13:], None).decode()
         except InvalidTag:
             raise ValueError("cannot decrypt: the encryption key differs from the one used to store it") from None
 

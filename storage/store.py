@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, and_, create_engine, event, func, insert, select, text, update
+from sqlalchemy import Engine, and_, create_engine, event, func, insert, or_, select, text, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
@@ -343,37 +343,40 @@ class Store:
     def write_together(self, calls: Sequence[tuple[str, dict[str, Any]]]) -> list[Any]:
         """Run several ``tx_*`` writes in one transaction (group commit).
 
-        Consecutive writes of one kind that has a ``bulk_*`` form go together in a few
-        statements; if that fails (e.g. two instances raced on one record), they are redone
+        Writes of one kind that has a ``bulk_*`` form go together in a few statements,
+        wherever they stand in ``calls``: the kinds written here commute (a call's rating and
+        its not-rated mark leave the call rated and unmarked in either order, SPEC R2.3; a
+        rating's detail names a rating stored earlier), and within a kind the order is kept.
+        If a bulk write fails (e.g. two instances raced on one record), its writes are redone
         one by one. Each write runs in a savepoint, so one bad write fails alone: the result
-        list holds each write's result or the exception it raised.
+        list holds each write's result or the exception it raised, in the order of ``calls``.
         """
-        results: list[Any] = []
+        positions: dict[str, list[int]] = {}
+        for position, (name, _) in enumerate(calls):
+            positions.setdefault(name, []).append(position)
+        results: list[Any] = [None] * len(calls)
         with self.engine.begin() as connection:
-            index = 0
-            while index < len(calls):
-                name = calls[index][0]
-                end = index
-                while end < len(calls) and calls[end][0] == name:
-                    end += 1
-                group = [kwargs for _, kwargs in calls[index:end]]
-                bulk = getattr(self, "bulk_" + name, None)
-                done = False
-                if bulk is not None and len(group) > 1:
-                    try:
-                        with connection.begin_nested():
-                            results.extend(bulk(connection, group))
-                        done = True
-                    except Exception:  # redo one by one below, each failing alone
-                        done = False
-                if not done:
-                    for kwargs in group:
-                        try:
-                            with connection.begin_nested():
-                                results.append(getattr(self, "tx_" + name)(connection, **kwargs))
-                        except Exception as error:  # reported to that caller alone
-                            results.append(error)
-                index = end
+            for name, where in positions.items():
+                group = [calls[position][1] for position in where]
+                for position, result in zip(where, self._write_group(connection, name, group), strict=True):
+                    results[position] = result
+        return results
+
+    def _write_group(self, connection: Connection, name: str, group: list[dict[str, Any]]) -> list[Any]:
+        bulk = getattr(self, "bulk_" + name, None)
+        if bulk is not None:
+            try:
+                with connection.begin_nested():
+                    return list(bulk(connection, group))
+            except Exception:  # redo one by one below, each failing alone
+                pass
+        results: list[Any] = []
+        for kwargs in group:
+            try:
+                with connection.begin_nested():
+                    results.append(getattr(self, "tx_" + name)(connection, **kwargs))
+            except Exception as error:  # reported to that caller alone
+                results.append(error)
         return results
 
     def _call_records(
@@ -382,21 +385,30 @@ class Store:
         hand_offs: list[dict[str, Any]],
         now: datetime,
         unrated: dict[str, str] | None = None,
-    ) -> dict[str, int]:
+    ) -> tuple[dict[str, int], set[int]]:
         """call id → service record id for many calls at once, creating the unknown ones.
 
         The same look-up order as :meth:`find_or_create_call_record`: Asterisk unique id,
         record id, then linked id. ``unrated`` gives new records their not-rated reason.
+        Also returns the ids of the records created here, which have no rating yet.
         """
         s = service_records.c
         call_ids = sorted({hand_off.get("call_id") or "" for hand_off in hand_offs})
+        wanted = set(call_ids)
         known: dict[str, int] = {}
-        for row in connection.execute(select(s.id, s.call_id).where(s.call_id.in_(call_ids)).order_by(s.id)):
-            known.setdefault(row.call_id, row.id)
-        missing = [c for c in call_ids if c not in known]
-        if missing:
-            for row in connection.execute(select(s.id, s.external_id).where(s.external_id.in_(missing))):
-                known.setdefault(row.external_id, row.id)
+        by_record_id: dict[str, int] = {}
+        rows = connection.execute(
+            select(s.id, s.call_id, s.external_id)
+            .where(or_(s.call_id.in_(call_ids), s.external_id.in_(call_ids)))
+            .order_by(s.id)
+        )
+        for row in rows:
+            if row.call_id in wanted:
+                known.setdefault(row.call_id, row.id)
+            if row.external_id in wanted:
+                by_record_id.setdefault(row.external_id, row.id)
+        for call_id, pk in by_record_id.items():
+            known.setdefault(call_id, pk)
         linked = {
             hand_off.get("linked_id"): hand_off.get("call_id") or ""
             for hand_off in hand_offs
@@ -424,20 +436,25 @@ class Store:
                     **{column: None for column in _CALL_RECORD_FIELDS},
                     **{k: v for k, v in self._call_fields(hand_off).items() if v},
                 }
+        created: set[int] = set()
         if new_records:
-            connection.execute(insert(service_records), list(new_records.values()))
-            for row in connection.execute(select(s.id, s.external_id).where(s.external_id.in_(list(new_records)))):
+            rows = connection.execute(
+                insert(service_records).returning(s.id, s.external_id), list(new_records.values())
+            )
+            for row in rows:
                 known[row.external_id] = row.id
-        return known
+                created.add(row.id)
+        return known, created
 
     def bulk_unrated_call(self, connection: Connection, items: list[dict[str, Any]]) -> list[None]:
         """Many calls that ended not rated (SPEC R2.3), as :meth:`tx_unrated_call` does for one."""
         now = utcnow()
         reasons = {(item["hand_off"].get("call_id") or ""): item["reason"] for item in items}
-        known = self._call_records(connection, [item["hand_off"] for item in items], now, unrated=reasons)
+        known, created = self._call_records(connection, [item["hand_off"] for item in items], now, unrated=reasons)
         by_reason: dict[str, list[int]] = {}
         for call_id, reason in reasons.items():
-            by_reason.setdefault(reason, []).append(known[call_id])
+            if known[call_id] not in created:  # a new record got its reason when created
+                by_reason.setdefault(reason, []).append(known[call_id])
         has_rating = select(ratings.c.id).where(ratings.c.service_record_id == service_records.c.id).exists()
         for reason, pks in by_reason.items():
             connection.execute(
@@ -455,15 +472,21 @@ class Store:
         """
         s, r = service_records.c, ratings.c
         now = utcnow()
-        known = self._call_records(connection, [item["hand_off"] for item in items], now)
-        pks = sorted({known[item["hand_off"].get("call_id") or ""] for item in items})
-        rated = set(
-            connection.execute(
-                select(r.service_record_id).where(
-                    r.service_record_id.in_(pks), r.is_attempt.is_(False), r.is_follow_up.is_(False), r.visit_id == ""
-                )
-            ).scalars()
-        )
+        known, created = self._call_records(connection, [item["hand_off"] for item in items], now)
+        # Only records that existed before may have a rating or a not-rated mark already.
+        existing = sorted({known[item["hand_off"].get("call_id") or ""] for item in items} - created)
+        rated: set[int] = set()
+        if existing:
+            rated.update(
+                connection.execute(
+                    select(r.service_record_id).where(
+                        r.service_record_id.in_(existing),
+                        r.is_attempt.is_(False),
+                        r.is_follow_up.is_(False),
+                        r.visit_id == "",
+                    )
+                ).scalars()
+            )
         rating_rows: list[dict[str, Any]] = []
         results: list[tuple[str, bool]] = []
         for item in items:
@@ -487,30 +510,31 @@ class Store:
                 }
             )
             results.append((record_id, counted))
-        connection.execute(insert(ratings), rating_rows)
-        counted_ids = [row["record_id"] for row in rating_rows if not row["is_attempt"]]
-        if counted_ids:
-            rating_pks = connection.execute(select(r.id, r.record_id).where(r.record_id.in_(counted_ids))).all()
+        rating_pks = {
+            row.record_id: row.id
+            for row in connection.execute(insert(ratings).returning(r.id, r.record_id), rating_rows)
+        }
+        outbox_rows = [
+            {
+                "record_id": row["record_id"],
+                "record_type": "evaluation",
+                "rating_id": rating_pks[row["record_id"]],
+                "status": "pending",
+                "attempts": 0,
+                "next_attempt_at": now,
+                "created_at": now,
+            }
+            for row in rating_rows
+            if not row["is_attempt"]
+        ]
+        if outbox_rows:
+            connection.execute(insert(outbox), outbox_rows)
+        if existing:
             connection.execute(
-                insert(outbox),
-                [
-                    {
-                        "record_id": record_id,
-                        "record_type": "evaluation",
-                        "rating_id": rating_pk,
-                        "status": "pending",
-                        "attempts": 0,
-                        "next_attempt_at": now,
-                        "created_at": now,
-                    }
-                    for rating_pk, record_id in rating_pks
-                ],
+                update(service_records)
+                .where(s.id.in_(existing), s.unrated_reason.is_not(None))
+                .values(unrated_reason=None, updated_at=now)
             )
-        connection.execute(
-            update(service_records)
-            .where(s.id.in_(pks), s.unrated_reason.is_not(None))
-            .values(unrated_reason=None, updated_at=now)
-        )
         return results
 
     def record_call_rating(
