@@ -184,7 +184,7 @@ class AGIEnvironmentParser:
         """Take one line (its ``\\n`` removed); return the request once the block is complete."""
         if self.request is not None:
             raise AGIEnvironmentError("the AGI environment block is already complete")
-        if _utf8_length(line) > self.max_line_length:
+        if _longer_than(line, self.max_line_length):
             raise AGIEnvironmentError(
                 f"an AGI environment line is longer than {self.max_line_length} bytes; is the peer really Asterisk?"
             )
@@ -381,7 +381,7 @@ class AGICommand:
     def __post_init__(self) -> None:
         if not self.text.strip():
             raise AGILocalError("an AGI command cannot be empty (Asterisk answers 510)")
-        if any(ch in self.text for ch in "\r\n\0"):
+        if "\r" in self.text or "\n" in self.text or "\0" in self.text:
             raise AGILocalError(
                 f"AGI command {_excerpt(self.text)} contains a line break or NUL; "
                 "quote values with the command helpers instead"
@@ -639,18 +639,18 @@ class AGIConnection:
         if self._state in (ConnectionState.ERROR, ConnectionState.CLOSED):
             return
         self._buffer += data
-        while self._state not in (ConnectionState.ERROR, ConnectionState.CLOSED):
-            end = self._buffer.find(b"\n")
-            if end < 0:
-                if len(self._buffer) > self.max_line_length:
+        if b"\n" in data:
+            *lines, rest = self._buffer.split(b"\n")
+            self._buffer = rest  # what follows the last complete line; a failure drops it
+            for raw in lines:
+                if len(raw) > self.max_line_length:
                     self._fail(f"a line from Asterisk is longer than {self.max_line_length} bytes")
-                break
-            raw = bytes(self._buffer[:end])
-            del self._buffer[: end + 1]
-            if len(raw) > self.max_line_length:
-                self._fail(f"a line from Asterisk is longer than {self.max_line_length} bytes")
-                break
-            self._line(raw.decode("utf-8", errors="replace"))
+                    return
+                self._line(raw.decode("utf-8", errors="replace"))
+                if self._state is ConnectionState.ERROR:
+                    return
+        if len(self._buffer) > self.max_line_length:
+            self._fail(f"a line from Asterisk is longer than {self.max_line_length} bytes")
 
     def receive_line(self, line: str) -> None:
         """Feed one line already split off (a trailing ``\\n``, if any, is removed)."""
@@ -661,7 +661,7 @@ class AGIConnection:
         if "\n" in line:
             self._fail("receive_line was given more than one line")
             return
-        if _utf8_length(line) > self.max_line_length:
+        if _longer_than(line, self.max_line_length):
             self._fail(f"a line from Asterisk is longer than {self.max_line_length} bytes")
             return
         self._line(line)
@@ -787,8 +787,9 @@ class AGIConnection:
         self._events.append(CommandResponse(command, response))
 
 
-def _utf8_length(line: str) -> int:
-    return len(line.encode("utf-8", errors="replace"))
+def _longer_than(line: str, limit: int) -> bool:
+    """Whether ``line`` takes more than ``limit`` bytes in UTF-8 (encoded only when it might)."""
+    return len(line) * 4 > limit and len(line.encode("utf-8", errors="replace")) > limit
 
 
 _DIGIT_RUN = re.compile(r"[0-9]{5,}")
