@@ -53,9 +53,7 @@ STOP_TIMEOUT = 30  # seconds, for `pg_ctl stop -w`
 COMMAND_TIMEOUT = 120  # seconds, for any other server command (initdb)
 START_ATTEMPTS = 3  # a fresh free port per attempt, should another process take ours
 
-FIXTURES = frozenset(
-    {"postgresql_server", "postgresql_url", "postgresql_create_database", "postgresql_fresh_url"}
-)
+FIXTURES = frozenset({"postgresql_server", "postgresql_url", "postgresql_create_database", "postgresql_fresh_url"})
 
 _SERVER_KEY = pytest.StashKey["PostgreSQLServer"]()
 
@@ -254,14 +252,11 @@ class PostgreSQLServer:
 
         with self.connect() as conn:
             conn.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                " WHERE datname = %s AND pid <> pg_backend_pid()",
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
                 (name,),
             )
             force = sql.SQL(" WITH (FORCE)") if conn.info.server_version >= 130000 else sql.SQL("")
-            conn.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {}{}").format(sql.Identifier(name), force)
-            )
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}{}").format(sql.Identifier(name), force))
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -325,9 +320,7 @@ class PostgreSQLServer:
             encoding="utf-8",
         )
 
-    def _run(
-        self, argv: list[str], *, timeout: float, check: bool = True
-    ) -> subprocess.CompletedProcess[str]:
+    def _run(self, argv: list[str], *, timeout: float, check: bool = True) -> subprocess.CompletedProcess[str]:
         assert self.base is not None
         result = subprocess.run(
             [*self._run_as, *argv],
@@ -344,9 +337,7 @@ class PostgreSQLServer:
             check=False,
         )
         if check and result.returncode != 0:
-            raise PostgreSQLServerError(
-                f"{Path(argv[0]).name} failed (exit {result.returncode}):\n{result.stdout}"
-            )
+            raise PostgreSQLServerError(f"{Path(argv[0]).name} failed (exit {result.returncode}):\n{result.stdout}")
         return result
 
     def _kill_postmaster(self) -> None:
