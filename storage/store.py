@@ -521,10 +521,10 @@ class Store:
                 "rating_id": rating_pks[row["record_id"]],
                 "status": "pending",
                 "attempts": 0,
-                "next_attempt_at": now,
+                "next_attempt_at": push_after or now,
                 "created_at": now,
             }
-            for row in rating_rows
+            for row, push_after in zip(rating_rows, (item.get("push_after") for item in items), strict=True)
             if not row["is_attempt"]
         ]
         if outbox_rows:
@@ -544,22 +544,45 @@ class Store:
             return self.tx_call_rating(connection, hand_off=hand_off, level=level, key=key, rated_at=rated_at)
 
     def tx_call_rating(
-        self, connection: Connection, *, hand_off: dict[str, str | None], level: Level, key: str, rated_at: datetime
+        self,
+        connection: Connection,
+        *,
+        hand_off: dict[str, str | None],
+        level: Level,
+        key: str,
+        rated_at: datetime,
+        push_after: datetime | None = None,
     ) -> tuple[str, bool]:
         """Store a hotline caller's key as a rating (SPEC R2.2, R2.4): (record id, counted).
 
         ``hand_off`` holds the call's identifiers (SPEC R2.1): call_id, linked_id, agent_id,
         work_order, queue, matter_code, caller. Record, rating and outbox row together.
+        ``push_after`` holds the push back while the caller may still give the reasons of a bad
+        rating (SPEC R2.5); :meth:`tx_release_push` lets it go when the call ends.
         """
         call_id = hand_off.get("call_id") or ""
         pk = self.find_or_create_call_record(
             connection, call_id=call_id, linked_id=hand_off.get("linked_id"), fields=self._call_fields(hand_off)
         )
         _, record_id, counted = self.add_rating(
-            connection, service_record_id=pk, level=level, channel=Channel.VOICE, raw_input=key, rated_at=rated_at
+            connection,
+            service_record_id=pk,
+            level=level,
+            channel=Channel.VOICE,
+            raw_input=key,
+            rated_at=rated_at,
+            push_after=push_after,
         )
         connection.execute(update(service_records).where(service_records.c.id == pk).values(unrated_reason=None))
         return record_id, counted
+
+    def tx_release_push(self, connection: Connection, *, record_id: str) -> None:
+        """The rating is complete (its details stored): push it now (SPEC R2.5, R7.1)."""
+        connection.execute(
+            update(outbox)
+            .where(outbox.c.record_id == record_id, outbox.c.status == "pending")
+            .values(next_attempt_at=utcnow())
+        )
 
     def record_rating_detail(
         self, record_id: str, *, reasons: str | None = None, comment_ref: str | None = None
@@ -609,6 +632,7 @@ class Store:
         comment: str | None = None,
         reasons: str | None = None,
         is_default: bool = False,
+        push_after: datetime | None = None,
     ) -> tuple[int, str, bool]:
         """Insert a rating; the first counts, later ones are kept as attempts (SPEC R1.4).
 
@@ -645,7 +669,7 @@ class Store:
                     rating_id=rating_id,
                     status="pending",
                     attempts=0,
-                    next_attempt_at=values["created_at"],
+                    next_attempt_at=push_after or values["created_at"],
                     created_at=values["created_at"],
                 )
             )

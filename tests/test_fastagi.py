@@ -192,3 +192,24 @@ def test_connection_closed_right_after_connect_is_harmless(factory: FastAGIFacto
     call = Call(factory)
     call.protocol.connectionLost()
     assert writer.writes == [] and factory.stats.active == 0
+
+
+def test_a_bad_rating_with_a_reason_menu_is_pushed_only_when_the_call_ends(clock: Clock, writer: FakeWriter) -> None:
+    """SPEC R2.5 + R7.1: the platform gets the rating with its reasons (a pushed record cannot be amended)."""
+    factory = FastAGIFactory(DialogueSettings(reason_menu=True), RatingStore(writer, clock), clock, idle_timeout=30)  # type: ignore[arg-type]
+    call = start(factory)
+    call.answer("200 result=53 endpos=100")  # 5 = 非常不满意
+    name, kwargs, deferred = writer.writes[0]
+    assert name == "call_rating" and kwargs["push_after"] is not None
+    deferred.callback(("ev-9", True))
+    assert call.sent() == ['SET VARIABLE HCP_RATING "1"']
+    assert call.answer("200 result=1") == ['GET OPTION hcp/hcp-rating-reason-menu "1234#" 5000']
+    call.answer("200 result=50 endpos=100", "200 result=0 endpos=100")
+    assert writer.names() == ["call_rating", "rating_detail", "release_push"]
+    assert writer.writes[1][1]["reasons"] == "efficiency" and writer.writes[2][1] == {"record_id": "ev-9"}
+
+
+def test_a_good_rating_is_pushed_at_once(factory: FastAGIFactory, writer: FakeWriter) -> None:
+    call = start(factory)
+    call.answer("200 result=49 endpos=100")
+    assert writer.writes[0][1]["push_after"] is None

@@ -11,10 +11,12 @@ import sys
 import wave
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -23,6 +25,7 @@ from gateway.ivr.dialogue import DialogueSettings
 from gateway.ivr.fastagi import FastAGIFactory, RatingStore
 from gateway.rating import Level
 from gateway.testing import asterisk as sim
+from storage.schema import outbox
 from storage.store import Store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -237,6 +240,9 @@ def test_reason_menu_and_voice_comment_after_a_bad_rating(sqlite_store: Store) -
     assert any(c.startswith("RECORD FILE /var/spool/asterisk/hcp-comments/1795370491.70 wav") for c in played.commands)
     (rating,) = sqlite_store.find_ratings(call_id="1795370491.70")
     assert rating.level is Level.VERY_DISSATISFIED and rating.reasons == "unresolved"
+    with sqlite_store.engine.connect() as connection:  # held while the caller answered, released at the end
+        due = connection.execute(select(outbox.c.next_attempt_at).where(outbox.c.record_id == rating.record_id))
+        assert due.scalar_one() <= datetime.now(UTC)
 
 
 def test_second_call_rating_for_the_same_call_is_kept_as_an_attempt(sqlite_store: Store) -> None:

@@ -25,7 +25,7 @@ from typing import BinaryIO
 from gateway.config import ConfigError, load_config
 from gateway.ivr.call import Close, RatingCall, Write, describe
 from gateway.ivr.dialogue import NotRated, StoreDetail, StoreRating
-from gateway.ivr.settings import dialogue_settings
+from gateway.ivr.settings import DETAIL_HOLD, details_may_follow, dialogue_settings
 from storage.store import Store
 
 log = logging.getLogger("gateway.ivr.classic")
@@ -56,6 +56,7 @@ def run_call(
     """Play one call to its end; returns the exit status (0: the dialplan goes on)."""
     outputs = call.receive_data(environment)
     record_id: str | None = None
+    push_held = False
     hangup_fed = False
     while True:
         queue = list(outputs)
@@ -66,10 +67,26 @@ def run_call(
                 stdout.write(output.data)
                 stdout.flush()
             elif isinstance(output, StoreRating):
+                rated_at = datetime.now(UTC)
+                push_held = details_may_follow(call.settings, output.level)
                 try:
-                    record_id, _ = store.record_call_rating(
-                        call.hand_off, level=output.level, key=output.key, rated_at=datetime.now(UTC)
+                    (result,) = store.write_together(
+                        [
+                            (
+                                "call_rating",
+                                {
+                                    "hand_off": call.hand_off,
+                                    "level": output.level,
+                                    "key": output.key,
+                                    "rated_at": rated_at,
+                                    "push_after": rated_at + DETAIL_HOLD if push_held else None,
+                                },
+                            )
+                        ]
                     )
+                    if isinstance(result, Exception):
+                        raise result
+                    record_id, _ = result
                 except Exception as error:
                     log.error("event=agi.store_failed call_id=%s error=%s", call.call_id, type(error).__name__)
                     queue.extend(call.store_failed(type(error).__name__))
@@ -81,6 +98,11 @@ def run_call(
                 except Exception as error:
                     log.error("event=agi.store_failed call_id=%s error=%s", call.call_id, type(error).__name__)
             elif isinstance(output, Close):
+                if push_held and record_id:
+                    try:
+                        store.write_together([("release_push", {"record_id": record_id})])
+                    except Exception as error:
+                        log.error("event=agi.store_failed call_id=%s error=%s", call.call_id, type(error).__name__)
                 if isinstance(output.outcome, NotRated) and call.call_id:
                     try:
                         store.record_unrated_call(call.hand_off, reason=output.outcome.reason)

@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 from gateway.config import Config
 from gateway.ivr.call import Close, RatingCall, Write, describe
 from gateway.ivr.dialogue import DialogueSettings, NotRated, StoreDetail, StoreRating
-from gateway.ivr.settings import dialogue_settings
+from gateway.ivr.settings import DETAIL_HOLD, details_may_follow, dialogue_settings
 from storage.deferred import DeferredStore, GroupWriter
 
 log = logging.getLogger("gateway.ivr.fastagi")
@@ -71,6 +71,7 @@ class FastAGIProtocol(protocol.Protocol):
         self.factory = factory
         self.call = RatingCall(factory.settings, max_line_length=factory.max_line_length)
         self.record_id: str | None = None
+        self.push_held = False
         self.started = 0.0
         self._idle: IDelayedCall | None = None
         self._pending: list[defer.Deferred[Any]] = []
@@ -107,8 +108,14 @@ class FastAGIProtocol(protocol.Protocol):
 
     def _store_rating(self, action: StoreRating) -> None:
         rated_at = datetime.fromtimestamp(self.factory.clock.seconds(), UTC)
+        self.push_held = details_may_follow(self.factory.settings, action.level)
         deferred = self.factory.store.write(
-            "call_rating", hand_off=self.call.hand_off, level=action.level, key=action.key, rated_at=rated_at
+            "call_rating",
+            hand_off=self.call.hand_off,
+            level=action.level,
+            key=action.key,
+            rated_at=rated_at,
+            push_after=rated_at + DETAIL_HOLD if self.push_held else None,
         )
 
         def stored(result: tuple[str, bool]) -> None:
@@ -146,6 +153,9 @@ class FastAGIProtocol(protocol.Protocol):
                 deferred = self.factory.store.write("unrated_call", hand_off=self.call.hand_off, reason=outcome.reason)
                 self._track(deferred.addErrback(self._log_failure, "unrated_call"))
         elif outcome is not None:
+            if self.push_held and self.record_id:
+                deferred = self.factory.store.write("release_push", record_id=self.record_id)
+                self._track(deferred.addErrback(self._log_failure, "release_push"))
             stats.rated += 1
         log.info(
             "event=agi.call_end call_id=%s %s ms=%d%s",

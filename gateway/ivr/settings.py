@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from gateway.config import Config
 from gateway.ivr.dialogue import DialogueSettings
+from gateway.rating import Level
 
 
 def dialogue_settings(config: Config) -> DialogueSettings:
@@ -19,3 +22,17 @@ def dialogue_settings(config: Config) -> DialogueSettings:
         answer_first=agi_config.answer,
         comment_path_template=agi_config.comment_dir.rstrip("/") + "/{call_id}",
     )
+
+
+#: How long a bad rating's push waits for its reasons and comment (SPEC R2.5) if the call's end
+#: is never seen (a crash): the push goes out then, without them, rather than never.
+DETAIL_HOLD = timedelta(minutes=10)
+
+
+def details_may_follow(settings: DialogueSettings, level: Level) -> bool:
+    """Whether the caller will be asked for reasons or a comment after this rating (SPEC R2.5).
+
+    Such a rating is pushed when the call ends, so that the platform gets it with its
+    evalDetail (a pushed record cannot be amended, PLATFORM.md).
+    """
+    return level.is_bad and (settings.reason_menu or settings.voice_comment)
