@@ -141,6 +141,15 @@ def make_engine(url: str, *, threads: int = 8) -> Engine:
             cursor.execute("PRAGMA synchronous=NORMAL")  # durable across a process crash in WAL
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
+            # SQLAlchemy, not the sqlite3 module, decides where transactions begin: otherwise a
+            # SAVEPOINT opened first starts (and its release commits) a transaction of its own.
+            dbapi_connection.isolation_level = None
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(connection: Any) -> None:
+            # IMMEDIATE: take the write lock at the start, so that a writer waits for another
+            # (busy timeout) instead of failing when it upgrades a read lock.
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
     return create_engine(url, pool_size=threads, max_overflow=threads, pool_pre_ping=True)
