@@ -49,14 +49,9 @@ class Gateway:
     api: GatewayApi | None = None
 
 
-def open_store(config: Config, *, upgrade: bool = True) -> Store:
-    """The store for this configuration, its schema brought up to date."""
-    return Store.from_config(config, upgrade=upgrade)
-
-
 def build_gateway(config: Config, reactor: Any, *, store: Store | None = None) -> Gateway:
     """Compose the services; nothing listens until ``root.startService()``."""
-    store = store or open_store(config)
+    store = store or Store.from_config(config)
     calendar = WorkingDayCalendar.from_override_file(config.calendar.override_file or None)
     root = SequentialMultiService()
     deferred_store = DeferredStore(store, reactor, config.store.threads)

@@ -68,11 +68,11 @@ def _safe_url(url: str) -> str:
 
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
-    from gateway.app import open_store
     from storage import migrate
+    from storage.store import Store
 
     config = _load(args)
-    store = open_store(config, upgrade=False)
+    store = Store.from_config(config, upgrade=False)
     before = migrate.current_revision(store.engine)
     migrate.upgrade(store.engine)
     after = migrate.current_revision(store.engine)
@@ -83,11 +83,11 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 def cmd_import(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from gateway.app import open_store
     from gateway.csv_import import ImportFileError, import_csv
+    from storage.store import Store
 
     config = _load(args)
-    store = open_store(config)
+    store = Store.from_config(config)
     path = Path(args.file)
     with tqdm(unit=" rows", desc=path.name, disable=args.quiet, file=sys.stderr, mininterval=0.5) as bar:
         try:
@@ -114,10 +114,9 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_token_create(args: argparse.Namespace) -> int:
-    from gateway.app import open_store
-    from storage.store import StoreError
+    from storage.store import Store, StoreError
 
-    store = open_store(_load(args))
+    store = Store.from_config(_load(args))
     try:
         token = store.create_token(args.role, args.name)
     except StoreError as error:
@@ -129,8 +128,8 @@ def cmd_token_create(args: argparse.Namespace) -> int:
 
 
 def cmd_ratings(args: argparse.Namespace) -> int:
-    from gateway.app import open_store
     from gateway.intake import parse_timestamp
+    from storage.store import Store
 
     filters = {
         "call_id": args.call_id,
@@ -150,7 +149,7 @@ def cmd_ratings(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     if until is not None and len(args.until.strip()) == 10:
         until += timedelta(days=1)
-    store = open_store(_load(args))
+    store = Store.from_config(_load(args))
     rows = store.find_ratings(**filters, since=since, until=until, limit=args.limit)
     store.audit("cli", "ratings.lookup", None, {k: v for k, v in filters.items() if v})
     if args.json:
@@ -176,8 +175,8 @@ def cmd_ratings(args: argparse.Namespace) -> int:
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
     """SPEC R7.3: a day's totals as stored, as pushed and as the platform holds them; 4 if they differ."""
-    from gateway.app import open_store
     from gateway.platform.reconcile import format_text, reconcile
+    from storage.store import Store
 
     try:
         day = datetime.strptime(args.date, "%Y-%m-%d").date()
@@ -185,7 +184,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         print(f"--date {args.date!r} is not a date; write it YYYY-MM-DD", file=sys.stderr)
         return EXIT_USAGE
     config = _load(args)
-    result = reconcile(open_store(config), day, None if args.no_platform else config.platform)
+    result = reconcile(Store.from_config(config), day, None if args.no_platform else config.platform)
     print(json.dumps(result.as_json(), ensure_ascii=False, indent=2) if args.json else format_text(result))
     return EXIT_OK if result.consistent else EXIT_DIFFERENCES
 

@@ -74,7 +74,6 @@ class FastAGIProtocol(protocol.Protocol):
         self.push_held = False
         self.started = 0.0
         self._idle: IDelayedCall | None = None
-        self._pending: list[defer.Deferred[Any]] = []
 
     # -- Twisted events ------------------------------------------------------------------------
 
@@ -170,7 +169,6 @@ class FastAGIProtocol(protocol.Protocol):
     # -- helpers -------------------------------------------------------------------------------
 
     def _track(self, deferred: defer.Deferred[Any]) -> None:
-        self._pending.append(deferred)
         self.factory.pending.add(deferred)
         deferred.addBoth(self._untrack, deferred)
 
