@@ -127,6 +127,20 @@ def _positive_float(value: Any) -> float:
     return number
 
 
+def _positive_duration(value: Any) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError(f"{value!r} must be longer than 0")
+    return seconds
+
+
+def _byte(value: Any) -> int:
+    number = _parse_int(value)
+    if not 0 <= number <= 255:
+        raise ValueError(f"{number} is not an SMPP one-byte value (0-255)")
+    return number
+
+
 def _choice(*choices: str) -> Any:
     def parse(value: Any) -> str:
         text = str(value).strip().lower()
@@ -216,6 +230,17 @@ class SmppConfig:
     bind_mode: str = _opt(_choice("transceiver", "transmitter_receiver"))
     window: int = _opt(_positive_int)
     rate: float = _opt(_positive_float)
+    source_addr_ton: int = _opt(_byte)
+    source_addr_npi: int = _opt(_byte)
+    dest_addr_ton: int = _opt(_byte)
+    dest_addr_npi: int = _opt(_byte)
+    enquire_link_interval: float = _opt(_positive_duration)
+    response_timeout: float = _opt(_positive_duration)
+    reconnect_min_delay: float = _opt(_positive_duration)
+    reconnect_max_delay: float = _opt(_positive_duration)
+    throttle_delay: float = _opt(_positive_duration)
+    throttle_max_delay: float = _opt(_positive_duration)
+    throttle_recovery: float = _opt(parse_duration)
 
 
 @dataclass(frozen=True)
@@ -225,6 +250,9 @@ class SmsConfig:
     reminder_after: float = _opt(parse_duration)
     default_rating_after: Period = _opt(_period)
     signature: str = _opt(_parse_str)
+    extension_digits: int = _opt(_positive_int)
+    max_attempts: int = _opt(_positive_int)
+    retry_delay: float = _opt(parse_duration)
 
 
 @dataclass(frozen=True)
@@ -411,6 +439,9 @@ def _cross_checks(sections: dict[str, Any], origin: dict[tuple[str, str], str], 
         problems.append(
             Problem(where("smpp", "system_id"), "[smpp] system_id", "must be set when [smpp] enabled = true")
         )
+    for low, high in (("reconnect_min_delay", "reconnect_max_delay"), ("throttle_delay", "throttle_max_delay")):
+        if getattr(smpp, high) < getattr(smpp, low):
+            problems.append(Problem(where("smpp", high), f"[smpp] {high}", f"must not be shorter than {low}"))
     listeners = [(s, sections[s]) for s in ("http", "agi", "smtp") if sections[s].enabled]
     seen: dict[tuple[str, int], str] = {}
     for name, listener in listeners:

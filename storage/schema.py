@@ -95,7 +95,8 @@ service_records = Table(
     # Why a call ended without a rating (SPEC R2.3): timeout | invalid | hangup | error.
     Column("unrated_reason", String(16), nullable=True),
     Column("created_at", UTCDateTime(), nullable=False),
-    Column("updated_at", UTCDateTime(), nullable=False),
+    # Indexed: the SMS scheduler finds newly completed records by it (SPEC R3.1).
+    Column("updated_at", UTCDateTime(), nullable=False, index=True),
 )
 
 ratings = Table(
@@ -149,6 +150,11 @@ invitations = Table(
     Column("claimed_by", String(64), nullable=True),
     Column("claimed_until", UTCDateTime(), nullable=True),
     Column("created_at", UTCDateTime(), nullable=False),
+    # When the scheduler next looks at it (send, remind, record the default); NULL when done.
+    Column("next_step_at", UTCDateTime(), nullable=True, index=True),
+    Column("clarified_at", UTCDateTime(), nullable=True),  # SPEC R3.5: one clarification only
+    # One invitation per record and channel, also when two instances race to create it.
+    Index("uq_invitations_record_channel", "service_record_id", "channel", unique=True),
 )
 
 messages = Table(
@@ -170,6 +176,56 @@ messages = Table(
     Column("claimed_until", UTCDateTime(), nullable=True),
     Column("created_at", UTCDateTime(), nullable=False),
     Column("updated_at", UTCDateTime(), nullable=False),
+    # 0 = answers to citizens' replies, sent ahead of bulk invitations (SPEC R3.7a); 5 = bulk.
+    Column("priority", SmallInteger, nullable=False, default=5, server_default="5"),
+    Column("source_addr", String(21), nullable=True),  # service number + extension code (SPEC R3.6)
+    Column("concat_ref", Integer, nullable=True),  # UDH reference of the current attempt (SPEC R3.1)
+    Index("ix_messages_queue", "status", "priority", "id"),
+)
+
+# One row per part submitted and acknowledged by the SMSC (SPEC R3.7): the message-id mapping,
+# written as the submit_sm_resp is handled and kept for receipts (at least 7 days).
+message_parts = Table(
+    "message_parts",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("message_id", Id, ForeignKey("messages.id"), nullable=False),
+    Column("attempt", SmallInteger, nullable=False),
+    Column("seq", SmallInteger, nullable=False),
+    Column("total", SmallInteger, nullable=False),
+    Column("smsc_id", String(64), nullable=False, index=True),  # normalised (gateway.sms.receipts)
+    Column("smsc_id_raw", String(65), nullable=False),
+    Column("status", String(12), nullable=False),  # submitted | delivered | failed
+    Column("receipt_state", String(16), nullable=True),
+    Column("error", String(16), nullable=True),
+    Column("submitted_at", UTCDateTime(), nullable=False),
+    Column("receipt_at", UTCDateTime(), nullable=True),
+    Index("uq_message_parts_part", "message_id", "attempt", "seq", unique=True),
+)
+
+# Every deliver_sm, stored before it is acknowledged (SPEC R3.7a): reply parts until their
+# message is whole, receipts until their part is known.
+sms_inbox = Table(
+    "sms_inbox",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("kind", String(8), nullable=False),  # reply | receipt
+    Column("status", String(10), nullable=False),  # pending | done | unmatched
+    Column("phone_hash", String(64), nullable=True),
+    Column("phone_enc", LargeBinary, nullable=True),
+    Column("destination_addr", String(21), nullable=True),
+    Column("dedupe_key", String(100), nullable=False),
+    Column("concat_ref", Integer, nullable=True),
+    Column("concat_total", SmallInteger, nullable=True),
+    Column("concat_seq", SmallInteger, nullable=True),
+    Column("body", Text, nullable=True),
+    Column("smsc_id", String(64), nullable=True, index=True),
+    Column("receipt_state", String(16), nullable=True),
+    Column("error", String(16), nullable=True),
+    Column("message_id", Id, ForeignKey("messages.id"), nullable=True),
+    Column("received_at", UTCDateTime(), nullable=False),
+    Index("ix_sms_inbox_sender", "phone_hash", "dedupe_key"),
+    Index("ix_sms_inbox_status", "kind", "status"),
 )
 
 bad_rating_cases = Table(

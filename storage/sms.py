@@ -1,0 +1,841 @@
+"""The SMS channel's side of the store: invitations, the sending queue, receipts, replies.
+
+Every step is one short transaction, run in a worker thread (:mod:`storage.deferred`):
+
+- :meth:`SmsStore.create_invitations` finds completed, unrated records with a mobile and gives
+  each one invitation (SPEC R3.1); a unique index makes two instances' races harmless.
+- :meth:`SmsStore.run_due_steps` takes the invitations whose next step is due, row-locked
+  (``FOR UPDATE SKIP LOCKED`` on PostgreSQL), and queues the invitation or the reminder or
+  records the default rating, as :func:`gateway.sms.schedule.next_action` says (R3.2–R3.4).
+- :meth:`SmsStore.claim_messages` leases queued messages to one sender; a part is recorded with
+  the SMSC's message id only when its ``submit_sm_resp`` said so (:meth:`record_acks`), so a
+  restart re-sends only parts that were never acknowledged (R3.7).
+- :meth:`SmsStore.store_receipt` and :meth:`SmsStore.store_reply` keep every ``deliver_sm``
+  before it is acknowledged (R3.7a), and a reply that completes a message is parsed,
+  correlated and answered in the same transaction (R3.5, R3.6, R3.8).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, delete, exists, func, insert, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+
+from gateway.privacy import InvalidPhoneNumber, normalise_phone
+from gateway.rating import Channel
+from gateway.sms import text as sms_text
+from gateway.sms.receipts import DeliveryState, candidate_ids, normalise_message_id
+from gateway.sms.replies import OptOut, Rating, ReplyWindow, Unclear, answer_text, parse_reply
+from gateway.sms.schedule import (
+    Done,
+    InvitationState,
+    RecordDefaultRating,
+    SendInvitation,
+    SendReminder,
+    SentMessage,
+    next_action,
+)
+from gateway.sms.settings import SmsSettings, is_mobile, smpp_destination
+from gateway.workdays import WorkingDayCalendar
+from storage.schema import (
+    invitations,
+    message_parts,
+    messages,
+    opt_outs,
+    ratings,
+    service_records,
+    sms_inbox,
+)
+from storage.store import Store, utcnow
+
+log = logging.getLogger("gateway.sms.store")
+
+SMS = "sms"
+PRIORITY_ANSWER = 0  # answers to a citizen's own message go first (SPEC R3.7a)
+PRIORITY_BULK = 5
+#: Invitation statuses whose schedule still runs.
+OPEN_STATUSES = ("scheduled", "sent", "reminded")
+#: How long a repeated delivery of the same reply part is recognised as a repeat (SPEC R3.7a).
+REPEAT_WINDOW = timedelta(minutes=30)
+#: Parts of a multi-part reply older than this with the message still incomplete are given up.
+REASSEMBLY_TIMEOUT = timedelta(minutes=30)
+
+
+@dataclass(frozen=True)
+class OutgoingMessage:
+    """A queued message leased to one sender, with the parts of this attempt already acknowledged."""
+
+    id: int
+    destination: str  # as the SMSC takes it (gateway.sms.settings.smpp_destination)
+    source: str
+    body: str
+    attempt: int
+    concat_ref: int
+    acknowledged: frozenset[int] = field(default_factory=frozenset)
+
+
+@dataclass(frozen=True)
+class Ack:
+    """One part's ``submit_sm_resp`` with ESME_ROK: the message-id mapping to keep (SPEC R3.7)."""
+
+    message_id: int
+    attempt: int
+    seq: int
+    total: int
+    smsc_id: str
+    complete: bool  # every part of this attempt is now acknowledged
+
+
+@dataclass(frozen=True)
+class StepCounts:
+    invitations: int = 0
+    reminders: int = 0
+    defaults: int = 0
+    deferred: int = 0
+    done: int = 0
+
+
+@dataclass(frozen=True)
+class ReplyOutcome:
+    """What became of a stored reply part (for logs and tests; no personal data)."""
+
+    status: str  # repeat | waiting | rated | already_rated | closed | not_invited | unclear | opt_out
+    answered: bool = False
+
+
+class SmsStore:
+    def __init__(self, store: Store, settings: SmsSettings, calendar: WorkingDayCalendar) -> None:
+        self.store = store
+        self.settings = settings
+        self.calendar = calendar
+
+    @property
+    def _insert(self) -> Any:
+        return sqlite.insert if self.store.is_sqlite else postgresql.insert
+
+    # -- the schedule (SPEC R3.1-R3.4) -----------------------------------------------------------
+
+    def create_invitations(self, since: datetime, *, now: datetime | None = None, limit: int = 2000) -> datetime:
+        """Give one SMS invitation to each record completed without a rating, updated since ``since``.
+
+        Eligible: a matter with a completion time, or a hotline call that ended not rated
+        (SPEC R2.3), with a mobile number. Returns the latest ``updated_at`` seen, for the next
+        call's ``since`` (callers keep a margin for transactions that commit late).
+        """
+        now = now or utcnow()
+        s, i, r = service_records.c, invitations.c, ratings.c
+        eligible = (
+            select(s.id, s.completed_at, s.updated_at)
+            .where(
+                s.updated_at >= since,
+                s.completed_at.is_not(None),
+                s.mobile_hash.is_not(None),
+                or_(s.kind == "matter", s.unrated_reason.is_not(None)),
+                ~exists().where(i.service_record_id == s.id, i.channel == SMS),
+                ~exists().where(r.service_record_id == s.id, r.is_attempt.is_(False)),
+            )
+            .order_by(s.updated_at)
+            .limit(limit)
+        )
+        latest = since
+        with self.store.engine.begin() as connection:
+            rows = connection.execute(eligible).all()
+            if not rows:
+                return since
+            values = []
+            for record_id, completed_at, updated_at in rows:
+                latest = max(latest, updated_at)
+                send_after = completed_at + self.settings.schedule.invite_delay
+                values.append(
+                    {
+                        "service_record_id": record_id,
+                        "channel": SMS,
+                        "extension_code": self.settings.extension_code(record_id),
+                        "status": "scheduled",
+                        "send_after": send_after,
+                        "closes_at": self.settings.schedule.closes_at(completed_at, self.calendar),
+                        "next_step_at": send_after,
+                        "created_at": now,
+                    }
+                )
+            statement = self._insert(invitations).on_conflict_do_nothing(
+                index_elements=["service_record_id", "channel"]
+            )
+            connection.execute(statement, values)
+        # Rows at ``latest`` are looked at again next time; those invited are skipped by then.
+        return latest
+
+    def run_due_steps(self, *, now: datetime | None = None, limit: int = 500) -> StepCounts:
+        """Take the invitations whose next step is due and do it, each exactly once (R3.1-R3.4).
+
+        The rows are locked for the transaction (``SKIP LOCKED`` on PostgreSQL; SQLite has one
+        writer), and every effect — the queued message, the default rating — commits with the
+        invitation's new step, so a crash repeats nothing and forgets nothing.
+        """
+        now = now or utcnow()
+        i, s = invitations.c, service_records.c
+        due = (
+            select(
+                i.id,
+                i.service_record_id,
+                i.status,
+                i.extension_code,
+                i.sent_at,
+                i.reminded_at,
+                i.closes_at,
+                s.completed_at,
+                s.matter_name,
+                s.mobile_enc,
+                s.mobile_hash,
+            )
+            .join(service_records, s.id == i.service_record_id)
+            .where(i.channel == SMS, i.status.in_(OPEN_STATUSES), i.next_step_at <= now)
+            .order_by(i.next_step_at)
+            .limit(limit)
+        )
+        if not self.store.is_sqlite:
+            due = due.with_for_update(of=invitations, skip_locked=True)
+        counts = {"invitations": 0, "reminders": 0, "defaults": 0, "deferred": 0, "done": 0}
+        with self.store.engine.begin() as connection:
+            rows = connection.execute(due).mappings().all()
+            if not rows:
+                return StepCounts()
+            record_ids = [row["service_record_id"] for row in rows]
+            rated = set(
+                connection.execute(
+                    select(ratings.c.service_record_id).where(
+                        ratings.c.service_record_id.in_(record_ids), ratings.c.is_attempt.is_(False)
+                    )
+                ).scalars()
+            )
+            hashes = {row["mobile_hash"] for row in rows}
+            opted = set(
+                connection.execute(select(opt_outs.c.phone_hash).where(opt_outs.c.phone_hash.in_(hashes))).scalars()
+            )
+            history = self._history(connection, hashes, now)
+            for row in rows:
+                counts[self._step(connection, row, row["service_record_id"] in rated, opted, history, now)] += 1
+        return StepCounts(**counts)
+
+    def _step(
+        self,
+        connection: Connection,
+        row: Any,
+        rated: bool,
+        opted: set[str],
+        history: dict[str, list[SentMessage]],
+        now: datetime,
+    ) -> str:
+        phone = self.store.protector.decrypt(row["mobile_enc"])
+        # A land line cannot get an SMS: no sends, only the default at the window's end (R3.4).
+        no_sms = row["mobile_hash"] in opted or not is_mobile(phone)
+        state = InvitationState(
+            completed_at=row["completed_at"],
+            closes_at=row["closes_at"],
+            sent_at=row["sent_at"],
+            reminded_at=row["reminded_at"],
+            rated=rated,
+            opted_out=no_sms,
+        )
+        kind = "reminder" if row["sent_at"] is not None else "invitation"
+        content = self._text(kind, row)
+        sent = history.setdefault(row["mobile_hash"], [])
+        action = next_action(state, now, self.settings.schedule, sent, content)
+        i = invitations.c
+        where = i.id == row["id"]
+        if isinstance(action, Done):
+            connection.execute(update(invitations).where(where).values(status="rated", next_step_at=None))
+            return "done"
+        if action.at > now:
+            connection.execute(update(invitations).where(where).values(next_step_at=action.at))
+            return "deferred"
+        if isinstance(action, RecordDefaultRating):
+            self.store.add_rating(
+                connection,
+                service_record_id=row["service_record_id"],
+                level=action.level,
+                channel=Channel.SYSTEM,
+                raw_input=None,
+                rated_at=action.at,
+                is_default=True,
+            )
+            connection.execute(update(invitations).where(where).values(status="closed", next_step_at=None))
+            log.info("event=sms.default_rating invitation=%s", row["id"])
+            return "defaults"
+        self._queue(
+            connection,
+            invitation_id=row["id"],
+            kind=kind,
+            phone=phone,
+            phone_hash=row["mobile_hash"],
+            body=content,
+            source=self.settings.source_for(row["extension_code"]),
+            priority=PRIORITY_BULK,
+            now=now,
+        )
+        sent.append(SentMessage(now, content))
+        if isinstance(action, SendInvitation):
+            after = action.at + self.settings.schedule.reminder_after
+            connection.execute(update(invitations).where(where).values(status="sent", sent_at=now, next_step_at=after))
+            return "invitations"
+        assert isinstance(action, SendReminder)
+        connection.execute(
+            update(invitations).where(where).values(status="reminded", reminded_at=now, next_step_at=row["closes_at"])
+        )
+        return "reminders"
+
+    def _text(self, kind: str, row: Any) -> str:
+        make = sms_text.reminder_text if kind == "reminder" else sms_text.invitation_text
+        return make(
+            signature=self.settings.signature,
+            matter_name=row["matter_name"],
+            closes_at=row["closes_at"],
+            key_map=self.settings.rules.key_map,
+        )
+
+    def _history(self, connection: Connection, hashes: Iterable[str], now: datetime) -> dict[str, list[SentMessage]]:
+        """Messages to each number within the caps' longest window (SPEC R3.10)."""
+        m = messages.c
+        since = now - self.settings.schedule.caps.longest_window
+        history: dict[str, list[SentMessage]] = {}
+        rows = connection.execute(
+            select(m.phone_hash, m.created_at, m.body).where(
+                m.phone_hash.in_(list(hashes)), m.direction == "out", m.created_at >= since
+            )
+        )
+        for phone_hash, created_at, body in rows:
+            history.setdefault(phone_hash, []).append(SentMessage(created_at, body))
+        return history
+
+    def _queue(
+        self,
+        connection: Connection,
+        *,
+        invitation_id: int | None,
+        kind: str,
+        phone: str,
+        phone_hash: str,
+        body: str,
+        source: str,
+        priority: int,
+        now: datetime,
+    ) -> int:
+        return int(
+            connection.execute(
+                insert(messages).values(
+                    invitation_id=invitation_id,
+                    direction="out",
+                    kind=kind,
+                    phone_enc=self.store.protector.encrypt(phone),
+                    phone_hash=phone_hash,
+                    body=body,
+                    status="queued",
+                    attempts=0,
+                    send_after=now,
+                    priority=priority,
+                    source_addr=source,
+                    created_at=now,
+                    updated_at=now,
+                )
+            ).inserted_primary_key[0]
+        )
+
+    def next_step_at(self) -> datetime | None:
+        """When the scheduler next has something to do (for its timer)."""
+        i = invitations.c
+        with self.store.engine.connect() as connection:
+            return connection.execute(
+                select(func.min(i.next_step_at)).where(i.channel == SMS, i.status.in_(OPEN_STATUSES))
+            ).scalar()
+
+    # -- sending (SPEC R3.1, R3.7) -------------------------------------------------------------
+
+    def claim_messages(
+        self, owner: str, limit: int, *, lease: float, now: datetime | None = None
+    ) -> list[OutgoingMessage]:
+        """Lease up to ``limit`` queued messages to ``owner``, answers first, then oldest."""
+        now = now or utcnow()
+        m = messages.c
+        due = (
+            select(m.id)
+            .where(
+                m.status == "queued",
+                m.direction == "out",
+                m.send_after <= now,
+                or_(m.claimed_until.is_(None), m.claimed_until <= now),
+            )
+            .order_by(m.priority, m.id)
+            .limit(limit)
+        )
+        if not self.store.is_sqlite:
+            due = due.with_for_update(skip_locked=True)
+        claim = (
+            update(messages)
+            .where(m.id.in_(due.scalar_subquery()))
+            .values(claimed_by=owner, claimed_until=now + timedelta(seconds=lease))
+            .returning(m.id, m.phone_enc, m.source_addr, m.body, m.attempts, m.priority)
+        )
+        with self.store.engine.begin() as connection:
+            rows = connection.execute(claim).all()
+            if not rows:
+                return []
+            rows.sort(key=lambda row: (row[5], row[0]))
+            acked: dict[tuple[int, int], set[int]] = {}
+            resumed = [row[0] for row in rows]
+            p = message_parts.c
+            for message_id, attempt, seq in connection.execute(
+                select(p.message_id, p.attempt, p.seq).where(p.message_id.in_(resumed))
+            ):
+                acked.setdefault((message_id, attempt), set()).add(seq)
+        decrypt = self.store.protector.decrypt
+        return [
+            OutgoingMessage(
+                id=message_id,
+                destination=smpp_destination(decrypt(phone_enc)),
+                source=source or self.settings.source_addr,
+                body=body,
+                attempt=attempts,
+                concat_ref=concat_reference(message_id, attempts),
+                acknowledged=frozenset(acked.get((message_id, attempts), ())),
+            )
+            for message_id, phone_enc, source, body, attempts, _ in rows
+        ]
+
+    def record_acks(self, acks: Sequence[Ack], *, now: datetime | None = None) -> int:
+        """Keep each acknowledged part's message id; a message whose parts are all in is submitted.
+
+        Receipts that arrived before their mapping (the SMSC can be that fast) are applied now.
+        Returns the number of messages completed.
+        """
+        if not acks:
+            return 0
+        now = now or utcnow()
+        m = messages.c
+        rows = [
+            {
+                "message_id": ack.message_id,
+                "attempt": ack.attempt,
+                "seq": ack.seq,
+                "total": ack.total,
+                "smsc_id": normalise_message_id(ack.smsc_id)[:64],
+                "smsc_id_raw": ack.smsc_id[:65],
+                "status": "submitted",
+                "submitted_at": now,
+            }
+            for ack in acks
+        ]
+        complete = [ack.message_id for ack in acks if ack.complete]
+        with self.store.engine.begin() as connection:
+            statement = self._insert(message_parts).on_conflict_do_nothing(
+                index_elements=["message_id", "attempt", "seq"]
+            )
+            connection.execute(statement, rows)
+            for chunk in _chunks(complete):
+                connection.execute(
+                    update(messages)
+                    .where(m.id.in_(chunk), m.status == "queued")
+                    .values(status="submitted", claimed_by=None, claimed_until=None, updated_at=now)
+                )
+            self._match_waiting_receipts(connection, [row["smsc_id"] for row in rows], now)
+        return len(complete)
+
+    def release_messages(self, message_ids: Sequence[int]) -> None:
+        """Give back leases: the unacknowledged parts go again, to whichever sender claims them."""
+        m = messages.c
+        with self.store.engine.begin() as connection:
+            for chunk in _chunks(list(message_ids)):
+                connection.execute(
+                    update(messages)
+                    .where(m.id.in_(chunk), m.status == "queued")
+                    .values(claimed_by=None, claimed_until=None)
+                )
+
+    def fail_attempts(self, errors: dict[int, str], *, now: datetime | None = None) -> None:
+        """The SMSC refused these messages, or reported them undelivered: try again, bounded (R3.7).
+
+        A new attempt sends every part again under a new UDH reference; after ``max_attempts``
+        the message is failed and reported.
+        """
+        if not errors:
+            return
+        now = now or utcnow()
+        with self.store.engine.begin() as connection:
+            for message_id, error in errors.items():
+                self._fail_attempt(connection, message_id, error, now)
+
+    def _fail_attempt(self, connection: Connection, message_id: int, error: str, now: datetime) -> None:
+        m = messages.c
+        attempts = connection.execute(select(m.attempts).where(m.id == message_id)).scalar_one_or_none()
+        if attempts is None:
+            return
+        attempts += 1
+        if attempts < self.settings.max_attempts:
+            values: dict[str, Any] = {
+                "status": "queued",
+                "attempts": attempts,
+                "send_after": now + self.settings.retry_delay,
+            }
+            log.warning("event=sms.retry message=%s attempt=%s error=%s", message_id, attempts + 1, error)
+        else:
+            values = {"status": "failed", "attempts": attempts}
+            log.error("event=sms.failed message=%s attempts=%s error=%s", message_id, attempts, error)
+        connection.execute(
+            update(messages)
+            .where(m.id == message_id)
+            .values(**values, error=error[:200], claimed_by=None, claimed_until=None, updated_at=now)
+        )
+
+    # -- receipts (SPEC R3.7) ------------------------------------------------------------------
+
+    def store_receipt(
+        self, smsc_id: str, state: DeliveryState, error: str | None, *, now: datetime | None = None
+    ) -> str:
+        """Keep a receipt and apply it to its part; returns matched | unmatched | repeat."""
+        now = now or utcnow()
+        normal = normalise_message_id(smsc_id)[:64]
+        key = f"receipt:{normal}:{state.value}"
+        q = sms_inbox.c
+        with self.store.engine.begin() as connection:
+            seen = connection.execute(
+                select(q.id).where(q.smsc_id == normal, q.kind == "receipt", q.dedupe_key == key).limit(1)
+            ).first()
+            if seen is not None:
+                return "repeat"
+            inbox_id = connection.execute(
+                insert(sms_inbox).values(
+                    kind="receipt",
+                    status="pending",
+                    dedupe_key=key,
+                    smsc_id=normal,
+                    receipt_state=state.value,
+                    error=error,
+                    body=smsc_id[:100],
+                    received_at=now,
+                )
+            ).inserted_primary_key[0]
+            matched = self._apply_receipts(connection, [(inbox_id, smsc_id, state, error)], now)
+        return "matched" if matched else "unmatched"
+
+    def _match_waiting_receipts(self, connection: Connection, smsc_ids: list[str], now: datetime) -> None:
+        q = sms_inbox.c
+        wanted = set()
+        for smsc_id in smsc_ids:
+            wanted.update(candidate_ids(smsc_id))
+        waiting = []
+        for chunk in _chunks(sorted(wanted)):
+            waiting.extend(
+                connection.execute(
+                    select(q.id, q.body, q.receipt_state, q.error).where(
+                        q.kind == "receipt", q.status == "unmatched", q.smsc_id.in_(chunk)
+                    )
+                ).all()
+            )
+        if waiting:
+            self._apply_receipts(connection, [(row[0], row[1], DeliveryState(row[2]), row[3]) for row in waiting], now)
+
+    def _apply_receipts(
+        self, connection: Connection, receipts: list[tuple[int, str, DeliveryState, str | None]], now: datetime
+    ) -> int:
+        p, q, m = message_parts.c, sms_inbox.c, messages.c
+        matched = 0
+        for inbox_id, smsc_id, state, error in receipts:
+            part = None
+            for candidate in candidate_ids(smsc_id):
+                part = connection.execute(
+                    select(p.id, p.message_id, p.attempt)
+                    .where(p.smsc_id == candidate)
+                    .order_by(p.submitted_at.desc(), p.id.desc())
+                    .limit(1)
+                ).first()
+                if part is not None:
+                    break
+            if part is None:
+                connection.execute(update(sms_inbox).where(q.id == inbox_id).values(status="unmatched"))
+                continue
+            matched += 1
+            connection.execute(update(sms_inbox).where(q.id == inbox_id).values(status="done"))
+            if not state.is_final:
+                connection.execute(update(message_parts).where(p.id == part[0]).values(receipt_state=state.value))
+                continue
+            status = "failed" if state.is_failure else "delivered"
+            connection.execute(
+                update(message_parts)
+                .where(p.id == part[0])
+                .values(status=status, receipt_state=state.value, error=error, receipt_at=now)
+            )
+            message_id, attempt = part[1], part[2]
+            current = connection.execute(select(m.status, m.attempts).where(m.id == message_id)).first()
+            if current is None or current[1] != attempt or current[0] not in ("submitted", "queued"):
+                continue
+            if status == "failed":
+                self._fail_attempt(connection, message_id, f"receipt:{state.value}:{error or ''}", now)
+                continue
+            parts = connection.execute(
+                select(p.status, p.total).where(p.message_id == message_id, p.attempt == attempt)
+            ).all()
+            if parts and len(parts) == parts[0][1] and all(row[0] == "delivered" for row in parts):
+                connection.execute(
+                    update(messages).where(m.id == message_id).values(status="delivered", updated_at=now)
+                )
+        return matched
+
+    # -- replies (SPEC R3.5, R3.6, R3.8) -------------------------------------------------------
+
+    def store_reply(
+        self,
+        sender: str,
+        destination: str,
+        payload: bytes,
+        data_coding: int,
+        *,
+        concatenation: tuple[int, int, int] | None = None,
+        now: datetime | None = None,
+    ) -> ReplyOutcome:
+        """Keep a reply (part), and when its message is whole, act on it — one transaction.
+
+        ``concatenation`` is (reference, total, seq) of a multi-part message; its parts are kept
+        as bytes and decoded together, so a character split across two parts survives. A part
+        seen before within :data:`REPEAT_WINDOW` (same sender and reference and part, or the same
+        single text) is a repeat and counted once (SPEC R3.7a).
+        """
+        now = now or utcnow()
+        text = f"{data_coding}:{payload.hex()}" if concatenation else sms_text.decode_payload(payload, data_coding)
+        try:
+            phone = normalise_phone(sender)
+        except InvalidPhoneNumber:
+            log.warning("event=sms.reply_unreadable_sender")
+            phone = None
+        protector = self.store.protector
+        phone_hash = protector.lookup_hash(phone) if phone else "invalid"
+        if concatenation is not None:
+            ref, total, seq = concatenation
+            key = f"part:{ref}:{total}:{seq}"
+        else:
+            key = "text:" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:40]
+        q = sms_inbox.c
+        with self.store.engine.begin() as connection:
+            seen = connection.execute(
+                select(q.id)
+                .where(q.phone_hash == phone_hash, q.dedupe_key == key, q.received_at >= now - REPEAT_WINDOW)
+                .limit(1)
+            ).first()
+            if seen is not None:
+                return ReplyOutcome("repeat")
+            connection.execute(
+                insert(sms_inbox).values(
+                    kind="reply",
+                    status="pending",
+                    phone_hash=phone_hash,
+                    phone_enc=protector.encrypt(phone or sender),
+                    destination_addr=destination[:21],
+                    dedupe_key=key,
+                    concat_ref=concatenation[0] if concatenation else None,
+                    concat_total=concatenation[1] if concatenation else None,
+                    concat_seq=concatenation[2] if concatenation else None,
+                    body=text,
+                    received_at=now,
+                )
+            )
+            if concatenation is not None:
+                whole = self._whole_message(connection, phone_hash, concatenation, now)
+                if whole is None:
+                    return ReplyOutcome("waiting")
+                text = whole
+            else:
+                connection.execute(
+                    update(sms_inbox)
+                    .where(q.phone_hash == phone_hash, q.dedupe_key == key, q.status == "pending")
+                    .values(status="done")
+                )
+            if phone is None:
+                return ReplyOutcome("not_invited")
+            return self._act_on_reply(connection, phone, phone_hash, destination, text, now)
+
+    def _whole_message(
+        self, connection: Connection, phone_hash: str, concatenation: tuple[int, int, int], now: datetime
+    ) -> str | None:
+        ref, total, _ = concatenation
+        q = sms_inbox.c
+        same = and_(
+            q.kind == "reply",
+            q.status == "pending",
+            q.phone_hash == phone_hash,
+            q.concat_ref == ref,
+            q.concat_total == total,
+            q.received_at >= now - REASSEMBLY_TIMEOUT,
+        )
+        parts = dict(connection.execute(select(q.concat_seq, q.body).where(same)).all())
+        if any(seq not in parts for seq in range(1, total + 1)):
+            return None
+        connection.execute(update(sms_inbox).where(same).values(status="done"))
+        coding, _, _ = parts[1].partition(":")
+        payload = b"".join(bytes.fromhex(parts[seq].partition(":")[2]) for seq in range(1, total + 1))
+        return sms_text.decode_payload(payload, int(coding))
+
+    def _act_on_reply(
+        self, connection: Connection, phone: str, phone_hash: str, destination: str, text: str, now: datetime
+    ) -> ReplyOutcome:
+        parsed = parse_reply(text, self.settings.rules)
+        opted_before = (
+            connection.execute(select(opt_outs.c.phone_hash).where(opt_outs.c.phone_hash == phone_hash)).first()
+            is not None
+        )
+        invitation = self._correlate(connection, phone_hash, destination)
+        window, status = self._window(connection, invitation, now)
+        invitation_id = invitation["id"] if invitation is not None else None
+        connection.execute(
+            insert(messages).values(
+                invitation_id=invitation_id,
+                direction="in",
+                kind="reply",
+                phone_hash=phone_hash,
+                body=text,
+                status="received",
+                attempts=0,
+                created_at=now,
+                updated_at=now,
+            )
+        )
+        if isinstance(parsed, OptOut):
+            status = "opt_out"
+            if not opted_before:
+                connection.execute(insert(opt_outs).values(phone_hash=phone_hash, channel=SMS, created_at=now))
+        elif isinstance(parsed, Rating) and window is ReplyWindow.OPEN:
+            assert invitation is not None
+            _, _, counted = self.store.add_rating(
+                connection,
+                service_record_id=invitation["service_record_id"],
+                level=parsed.level,
+                channel=Channel.SMS,
+                raw_input=parsed.raw[:500],
+                rated_at=now,
+                comment=parsed.comment or None,
+            )
+            if counted:
+                connection.execute(
+                    update(invitations)
+                    .where(invitations.c.id == invitation_id)
+                    .values(status="rated", next_step_at=None)
+                )
+                status = "rated"
+            else:
+                window, status = ReplyWindow.ALREADY_RATED, "already_rated"
+        elif isinstance(parsed, Unclear):
+            status = "unclear" if window is ReplyWindow.OPEN else status
+        answer = answer_text(
+            parsed,
+            window,
+            signature=self.settings.signature,
+            key_map=self.settings.rules.key_map,
+            clarified_before=invitation is not None and invitation["clarified_at"] is not None,
+            opted_out_before=opted_before,
+        )
+        if answer is not None:
+            if isinstance(parsed, Unclear) and invitation_id is not None:
+                connection.execute(
+                    update(invitations).where(invitations.c.id == invitation_id).values(clarified_at=now)
+                )
+            self._queue(
+                connection,
+                invitation_id=invitation_id,
+                kind="answer",
+                phone=phone,
+                phone_hash=phone_hash,
+                body=answer,
+                source=self.settings.source_for(invitation["extension_code"] if invitation is not None else None),
+                priority=PRIORITY_ANSWER,
+                now=now,
+            )
+        log.info("event=sms.reply outcome=%s answered=%s", status, answer is not None)
+        return ReplyOutcome(status, answered=answer is not None)
+
+    def _correlate(self, connection: Connection, phone_hash: str, destination: str) -> Any:
+        """The invitation a reply answers: by extension code, else the most recent open one (R3.6)."""
+        i, s = invitations.c, service_records.c
+        base = (
+            select(i.id, i.service_record_id, i.status, i.closes_at, i.clarified_at, i.extension_code)
+            .join(service_records, s.id == i.service_record_id)
+            .where(i.channel == SMS, s.mobile_hash == phone_hash, i.sent_at.is_not(None))
+        )
+        code = self.settings.extension_of(destination)
+        if code is not None:
+            row = connection.execute(base.where(i.extension_code == code).order_by(i.id.desc()).limit(1)).mappings()
+            found = row.first()
+            if found is not None:
+                return found
+        row = connection.execute(
+            base.where(i.status.in_(OPEN_STATUSES)).order_by(i.sent_at.desc(), i.id.desc()).limit(1)
+        ).mappings()
+        found = row.first()
+        if found is not None:
+            return found
+        return connection.execute(base.order_by(i.sent_at.desc(), i.id.desc()).limit(1)).mappings().first()
+
+    def _window(self, connection: Connection, invitation: Any, now: datetime) -> tuple[ReplyWindow, str]:
+        if invitation is None:
+            return ReplyWindow.NOT_INVITED, "not_invited"
+        rated = connection.execute(
+            select(ratings.c.id)
+            .where(ratings.c.service_record_id == invitation["service_record_id"], ratings.c.is_attempt.is_(False))
+            .limit(1)
+        ).first()
+        if rated is not None:
+            return ReplyWindow.ALREADY_RATED, "already_rated"
+        if invitation["status"] not in OPEN_STATUSES or invitation["closes_at"] <= now:
+            return ReplyWindow.CLOSED, "closed"
+        return ReplyWindow.OPEN, "open"
+
+    # -- housekeeping ----------------------------------------------------------------------------
+
+    def expire_incomplete_replies(self, *, now: datetime | None = None) -> int:
+        """Give up multi-part replies still missing parts after :data:`REASSEMBLY_TIMEOUT`."""
+        now = now or utcnow()
+        q = sms_inbox.c
+        with self.store.engine.begin() as connection:
+            result = connection.execute(
+                update(sms_inbox)
+                .where(q.kind == "reply", q.status == "pending", q.received_at < now - REASSEMBLY_TIMEOUT)
+                .values(status="expired")
+            )
+        if result.rowcount:
+            log.warning("event=sms.reply_incomplete parts=%s", result.rowcount)
+        return int(result.rowcount or 0)
+
+    def purge(self, *, older_than: timedelta = timedelta(days=30), now: datetime | None = None) -> int:
+        """Drop inbox rows long settled; part mappings stay with their messages (kept ≥ 7 days, R3.7)."""
+        now = now or utcnow()
+        q = sms_inbox.c
+        with self.store.engine.begin() as connection:
+            result = connection.execute(
+                delete(sms_inbox).where(q.received_at < now - older_than, q.status != "pending")
+            )
+        return int(result.rowcount or 0)
+
+    def queue_counts(self) -> dict[str, int]:
+        m = messages.c
+        with self.store.engine.connect() as connection:
+            rows = connection.execute(
+                select(m.status, func.count()).where(m.direction == "out").group_by(m.status)
+            ).all()
+        return {status: int(count) for status, count in rows}
+
+
+def concat_reference(message_id: int, attempt: int) -> int:
+    """The UDH reference of a message's attempt: fixed, so a resumed send keeps it (SPEC R3.1).
+
+    Consecutive messages to a number get different references (an 8-bit reference repeats only
+    every 256 messages), and a retry differs from the attempt before.
+    """
+    return (message_id + 97 * attempt) & 0xFF
+
+
+def _chunks(values: Sequence[Any], size: int = 500) -> Iterable[list[Any]]:
+    for start in range(0, len(values), size):
+        yield list(values[start : start + size])

@@ -1,0 +1,330 @@
+"""The SMS channel's store side (storage/sms.py) on SQLite and a real PostgreSQL server.
+
+Time is passed in (``now=``), so the schedule is walked through holidays without waiting.
+"""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import func, select, update
+
+from gateway.intake import ServiceRecordInput
+from gateway.rating import Channel, Level, ServiceKind
+from gateway.sms.receipts import DeliveryState
+from gateway.sms.settings import SmsSettings
+from gateway.sms.text import encode_ucs2_parts
+from gateway.workdays import SHANGHAI, WorkingDayCalendar
+from storage.schema import invitations, message_parts, messages, opt_outs, outbox, ratings, service_records
+from storage.sms import Ack, SmsStore, concat_reference
+from storage.store import Store
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+PHONE = "+8613800138000"
+OTHER_PHONE = "+8613900139000"
+
+
+def shanghai(*args: int) -> datetime:
+    return datetime(*args, tzinfo=SHANGHAI)  # type: ignore[misc]
+
+
+@pytest.fixture
+def sms(store: Store) -> SmsStore:
+    return SmsStore(store, SmsSettings(), WorkingDayCalendar())
+
+
+def complete(store: Store, record_id: str, at: datetime, phone: str | None = PHONE, **fields: object) -> int:
+    store.upsert_service_records(
+        [
+            ServiceRecordInput(  # type: ignore[arg-type]
+                id=record_id, kind=ServiceKind.MATTER, completed_at=at, mobile=phone, matter_name="营业执照", **fields
+            )
+        ]
+    )
+    with store.engine.connect() as connection:
+        return int(
+            connection.execute(select(service_records.c.id).where(service_records.c.external_id == record_id)).scalar()
+        )
+
+
+def rows(store: Store, table, *where):  # type: ignore[no-untyped-def]
+    with store.engine.connect() as connection:
+        order = list(table.primary_key.columns)
+        return connection.execute(select(table).where(*where).order_by(*order)).mappings().all()
+
+
+def invite(sms: SmsStore, at: datetime) -> None:
+    sms.create_invitations(EPOCH, now=at)
+    sms.run_due_steps(now=at)
+
+
+def test_invitation_within_a_minute_then_one_reminder_then_the_default(store: Store, sms: SmsStore) -> None:
+    done = shanghai(2026, 11, 23, 10, 0)  # a Monday
+    record = complete(store, "M-1", done)
+    sms.create_invitations(EPOCH, now=done)
+    sms.create_invitations(EPOCH, now=done)  # twice: still one invitation (R3.1)
+    [inv] = rows(store, invitations)
+    assert inv["extension_code"] == f"{record % 10000:04d}"
+    assert inv["send_after"] == done + timedelta(seconds=60)
+    assert inv["closes_at"] == shanghai(2026, 11, 30, 10, 0)  # 5 working days (R3.4)
+
+    assert sms.run_due_steps(now=done + timedelta(seconds=30)).invitations == 0
+    assert sms.run_due_steps(now=done + timedelta(seconds=61)).invitations == 1
+    [message] = rows(store, messages)
+    assert message["kind"] == "invitation" and message["status"] == "queued"
+    assert message["body"].startswith("【12345热线】") and "营业执照" in message["body"]
+    assert message["source_addr"] == "10690012345" + inv["extension_code"]
+    assert sms.run_due_steps(now=done + timedelta(hours=2)).invitations == 0
+
+    counts = sms.run_due_steps(now=done + timedelta(hours=24, seconds=61))
+    assert counts.reminders == 1  # R3.3: exactly one
+    for hours in (30, 48, 72):
+        assert sms.run_due_steps(now=done + timedelta(hours=hours)).reminders == 0
+    assert [m["kind"] for m in rows(store, messages)] == ["invitation", "reminder"]
+
+    assert sms.run_due_steps(now=shanghai(2026, 11, 30, 9, 59)).defaults == 0
+    assert sms.run_due_steps(now=shanghai(2026, 11, 30, 10, 0)).defaults == 1
+    [rating] = rows(store, ratings)
+    assert (
+        rating["level"] == int(Level.BASICALLY_SATISFIED)
+        and rating["is_default"]
+        and rating["channel"] == Channel.SYSTEM
+    )
+    assert len(rows(store, outbox)) == 1  # pushed like any rating (R3.4, R7.1)
+    assert rows(store, invitations)[0]["status"] == "closed"
+    assert sms.run_due_steps(now=shanghai(2026, 12, 30, 10, 0)) == type(sms.run_due_steps())()
+
+
+def test_quiet_hours_hold_the_invitation_until_morning(store: Store, sms: SmsStore) -> None:
+    done = shanghai(2026, 11, 23, 21, 30)
+    complete(store, "M-night", done)
+    sms.create_invitations(EPOCH, now=done)
+    assert sms.run_due_steps(now=done + timedelta(minutes=2)).deferred == 1  # R3.2
+    assert rows(store, invitations)[0]["next_step_at"] == shanghai(2026, 11, 24, 8, 0)
+    assert sms.run_due_steps(now=shanghai(2026, 11, 24, 7, 59)).invitations == 0
+    assert sms.run_due_steps(now=shanghai(2026, 11, 24, 8, 0)).invitations == 1
+
+
+def test_spring_festival_moves_the_window_past_the_holiday(store: Store, sms: SmsStore) -> None:
+    done = shanghai(2026, 2, 13, 16, 0)  # Friday before the 2026 Spring Festival break
+    complete(store, "M-cny", done)
+    sms.create_invitations(EPOCH, now=done)
+    closes = rows(store, invitations)[0]["closes_at"].astimezone(SHANGHAI)
+    # 2026-02-14 (Saturday) is a make-up working day, then 15-23 February are off.
+    assert closes == shanghai(2026, 2, 27, 16, 0)
+
+
+def test_only_unrated_completed_records_with_a_mobile_are_invited(store: Store, sms: SmsStore) -> None:
+    done = shanghai(2026, 11, 23, 10, 0)
+    complete(store, "M-no-phone", done, phone=None)
+    store.upsert_service_records([ServiceRecordInput(id="M-open", kind=ServiceKind.MATTER, mobile=PHONE)])
+    rated = complete(store, "M-rated", done)
+    with store.engine.begin() as connection:
+        store.add_rating(
+            connection,
+            service_record_id=rated,
+            level=Level.SATISFIED,
+            channel=Channel.WEB,
+            raw_input="4",
+            rated_at=done,
+        )
+    call = "1700000000.42"
+    store.record_unrated_call({"call_id": call, "caller": "13800138000"}, reason="timeout")  # R2.3
+    sms.create_invitations(EPOCH, now=done)
+    invited = {row["service_record_id"] for row in rows(store, invitations)}
+    with store.engine.connect() as connection:
+        call_record = connection.execute(select(service_records.c.id).where(service_records.c.call_id == call)).scalar()
+    assert invited == {call_record}
+
+
+def test_a_land_line_gets_no_sms_but_the_default_rating(store: Store, sms: SmsStore) -> None:
+    done = shanghai(2026, 11, 23, 10, 0)
+    complete(store, "M-land", done, phone="+861012345678")
+    invite(sms, done + timedelta(minutes=2))
+    assert rows(store, messages) == []
+    assert sms.run_due_steps(now=shanghai(2026, 11, 30, 10, 0)).defaults == 1
+
+
+def test_claim_ack_and_receipts_per_part(store: Store, sms: SmsStore) -> None:
+    done = shanghai(2026, 11, 23, 10, 0)
+    complete(store, "M-1", done)
+    invite(sms, done + timedelta(minutes=2))
+    [out] = sms.claim_messages("a", 10, lease=60)
+    assert out.destination == "13800138000"
+    assert sms.claim_messages("b", 10, lease=60) == []  # leased to a
+    parts = encode_ucs2_parts(out.body, out.concat_ref)
+    assert len(parts) >= 2  # the invitation is a long message (R3.1)
+    # Receipt for part 1 arrives before its mapping is stored: kept, applied later (R3.7).
+    assert sms.store_receipt("00000A1F", DeliveryState.DELIVERED, "000") == "unmatched"
+    acks = [
+        Ack(out.id, out.attempt, seq, len(parts), smsc_id, seq == len(parts))
+        for seq, smsc_id in zip(range(1, len(parts) + 1), ["a1f", "a20", "a21", "a22"], strict=False)
+    ]
+    assert sms.record_acks(acks) == 1
+    assert rows(store, messages)[0]["status"] == "submitted"
+    # The remaining receipts in decimal for hex ids, and a repeat.
+    for smsc_id in ["2592", "2593", "2594"][: len(parts) - 1]:
+        assert sms.store_receipt(smsc_id, DeliveryState.DELIVERED, "000") == "matched"
+    assert sms.store_receipt("2592", DeliveryState.DELIVERED, "000") == "repeat"
+    assert {p["status"] for p in rows(store, message_parts)} == {"delivered"}
+    assert rows(store, messages)[0]["status"] == "delivered"
+
+
+def test_a_resumed_send_skips_acknowledged_parts_and_keeps_the_reference(store: Store, sms: SmsStore) -> None:
+    done = shanghai(2026, 11, 23, 10, 0)
+    complete(store, "M-1", done)
+    invite(sms, done + timedelta(minutes=2))
+    [out] = sms.claim_messages("a", 10, lease=60)
+    total = len(encode_ucs2_parts(out.body, out.concat_ref))
+    sms.record_acks([Ack(out.id, out.attempt, 1, total, "m-1", False)])
+    sms.release_messages([out.id])  # the link dropped with part 2 unanswered
+    [again] = sms.claim_messages("b", 10, lease=60)
+    assert again.acknowledged == frozenset({1})
+    assert again.concat_ref == out.concat_ref == concat_reference(out.id, 0)
+
+
+def test_failures_are_retried_then_reported(store: Store, sms: SmsStore) -> None:
+    done = shanghai(2026, 11, 23, 10, 0)
+    complete(store, "M-1", done)
+    invite(sms, done + timedelta(minutes=2))
+    now = datetime.now(UTC)
+    refs = set()
+    for attempt in range(3):
+        [out] = sms.claim_messages("a", 10, lease=60, now=now)
+        assert out.attempt == attempt
+        refs.add(out.concat_ref)
+        sms.fail_attempts({out.id: "ESME_RINVDSTADR"}, now=now)
+        now += timedelta(minutes=11)
+    [message] = rows(store, messages)
+    assert message["status"] == "failed" and message["attempts"] == 3 and message["error"] == "ESME_RINVDSTADR"
+    assert len(refs) == 3  # each attempt under its own UDH reference
+    assert sms.claim_messages("a", 10, lease=60, now=now) == []
+
+
+def test_undelivered_receipt_retries_the_message(store: Store, sms: SmsStore) -> None:
+    done = shanghai(2026, 11, 23, 10, 0)
+    complete(store, "M-1", done)
+    invite(sms, done + timedelta(minutes=2))
+    [out] = sms.claim_messages("a", 10, lease=60)
+    total = len(encode_ucs2_parts(out.body, out.concat_ref))
+    sms.record_acks([Ack(out.id, 0, seq, total, f"x{seq}", seq == total) for seq in range(1, total + 1)])
+    assert sms.store_receipt("X2", DeliveryState.UNDELIVERABLE, "011") == "matched"
+    [message] = rows(store, messages)
+    assert message["status"] == "queued" and message["attempts"] == 1
+
+
+def reply(sms: SmsStore, text: str, phone: str = "13800138000", to: str = "10690012345") -> str:
+    return sms.store_reply(phone, to, text.encode("utf-16-be"), 8).status
+
+
+def test_reply_digit_with_comment_becomes_an_sms_rating_and_is_thanked_first(store: Store, sms: SmsStore) -> None:
+    done = shanghai(2026, 11, 23, 10, 0)
+    complete(store, "M-1", done)
+    invite(sms, done + timedelta(minutes=2))
+    assert reply(sms, "４ 窗口态度不好") == "rated"
+    [rating] = rows(store, ratings)
+    assert rating["level"] == int(Level.DISSATISFIED) and rating["channel"] == "sms"
+    assert rating["comment"] == "窗口态度不好"
+    claimed = sms.claim_messages("a", 1, lease=60)
+    assert "已收到" in claimed[0].body  # the answer goes ahead of the queued invitation (R3.7a)
+    assert reply(sms, "5") == "already_rated"
+    assert len(rows(store, ratings)) == 1
+    assert rows(store, invitations)[0]["status"] == "rated"
+    assert sms.run_due_steps(now=done + timedelta(days=2)).reminders == 0  # no reminder once rated
+
+
+def test_unclear_reply_gets_one_clarification(store: Store, sms: SmsStore) -> None:
+    done = shanghai(2026, 11, 23, 10, 0)
+    complete(store, "M-1", done)
+    invite(sms, done + timedelta(minutes=2))
+    assert reply(sms, "你好请问") == "unclear"
+    assert reply(sms, "还是不明白") == "unclear"
+    answers = [m for m in rows(store, messages) if m["kind"] == "answer"]
+    assert len(answers) == 1 and "未能识别" in answers[0]["body"]
+    assert rows(store, ratings) == []
+
+
+def test_opt_out_is_confirmed_once_and_stops_the_reminder(store: Store, sms: SmsStore) -> None:
+    done = shanghai(2026, 11, 23, 10, 0)
+    complete(store, "M-1", done)
+    invite(sms, done + timedelta(minutes=2))
+    assert reply(sms, "ＴＤ") == "opt_out"
+    assert reply(sms, "退订") == "opt_out"
+    assert len(rows(store, opt_outs)) == 1
+    assert len([m for m in rows(store, messages) if m["kind"] == "answer"]) == 1
+    assert sms.run_due_steps(now=done + timedelta(days=1, minutes=5)).reminders == 0  # R3.8
+    complete(store, "M-2", done + timedelta(days=1))
+    invite(sms, done + timedelta(days=1, minutes=5))
+    assert [m["kind"] for m in rows(store, messages) if m["direction"] == "out"] == ["invitation", "answer"]
+
+
+def test_never_invited_or_closed_window_records_nothing(store: Store, sms: SmsStore) -> None:
+    assert reply(sms, "5", phone=OTHER_PHONE) == "not_invited"
+    done = shanghai(2026, 11, 23, 10, 0)
+    complete(store, "M-1", done)
+    invite(sms, done + timedelta(minutes=2))
+    with store.engine.begin() as connection:
+        connection.execute(update(invitations).values(closes_at=datetime.now(UTC) - timedelta(seconds=1)))
+    assert reply(sms, "5") == "closed"
+    assert rows(store, ratings) == []
+    answers = [m for m in rows(store, messages) if m["kind"] == "answer"]
+    assert len(answers) == 2 and all("评价期已结束" in m["body"] for m in answers)  # polite, both (R3.6)
+
+
+def test_extension_code_picks_the_invitation_else_the_latest(store: Store, sms: SmsStore) -> None:
+    done = shanghai(2026, 11, 23, 10, 0)
+    first = complete(store, "M-1", done)
+    second = complete(store, "M-2", done + timedelta(minutes=1))
+    invite(sms, done + timedelta(minutes=5))
+    code = SmsSettings().extension_code(first)
+    assert reply(sms, "1", to="10690012345" + code) == "rated"
+    assert rows(store, ratings)[0]["service_record_id"] == first
+    assert reply(sms, "2") == "rated"  # no code: the most recent open invitation (R3.6)
+    assert rows(store, ratings)[1]["service_record_id"] == second
+
+
+def test_multipart_reply_is_reassembled_once(store: Store, sms: SmsStore) -> None:
+    done = shanghai(2026, 11, 23, 10, 0)
+    complete(store, "M-1", done)
+    invite(sms, done + timedelta(minutes=2))
+    text = "2 " + "窗口服务很好，" * 12 + "👍"
+    raw = text.encode("utf-16-be")
+    cut = 134 + 2 * 0  # cut on a code-unit boundary; the emoji's surrogates sit at the end
+    part1, part2 = raw[:cut], raw[cut:]
+    assert sms.store_reply("13800138000", "10690012345", part2, 8, concatenation=(7, 2, 2)).status == "waiting"
+    assert sms.store_reply("13800138000", "10690012345", part2, 8, concatenation=(7, 2, 2)).status == "repeat"
+    assert sms.store_reply("13800138000", "10690012345", part1, 8, concatenation=(7, 2, 1)).status == "rated"
+    [rating] = rows(store, ratings)
+    assert rating["level"] == int(Level.SATISFIED) and rating["comment"].endswith("👍")
+
+
+def test_two_instances_never_do_a_step_or_claim_a_message_twice(store: Store) -> None:
+    done = shanghai(2026, 11, 23, 10, 0)
+    calendar = WorkingDayCalendar()
+    for n in range(60):
+        complete(store, f"M-{n}", done, phone=f"+86138{n:08d}")
+    instances = [SmsStore(store, SmsSettings(), calendar) for _ in range(2)]
+    later = done + timedelta(minutes=2)
+    barrier = threading.Barrier(2)
+    claimed: list[list[int]] = [[], []]
+
+    def work(k: int) -> None:
+        barrier.wait()
+        instances[k].create_invitations(EPOCH, now=later)
+        for _ in range(6):
+            instances[k].run_due_steps(now=later, limit=10)
+        for _ in range(6):
+            claimed[k].extend(m.id for m in instances[k].claim_messages(f"i{k}", 10, lease=60))
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    with store.engine.connect() as connection:
+        assert connection.execute(select(func.count()).select_from(invitations)).scalar() == 60
+        assert connection.execute(select(func.count()).select_from(messages)).scalar() == 60
+    assert not set(claimed[0]) & set(claimed[1])
+    assert len(claimed[0]) + len(claimed[1]) == 60
