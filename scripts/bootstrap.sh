@@ -3,7 +3,8 @@
 #
 #   bash scripts/bootstrap.sh           Debian run-time packages, .venv, `pip install -e .`
 #   bash scripts/bootstrap.sh --test    also the test tools (PostgreSQL server, espeak-ng, sox,
-#                                       Node.js + npm) and `pip install -e ".[test]"`
+#                                       Node.js + npm), `pip install -e ".[test]"` and `npm ci`
+#                                       for the node SMSC (gateway/testing/node_smsc)
 #
 # Idempotent: apt is skipped entirely when every package is already installed, and an
 # existing working .venv is reused. Environment: PYTHON (interpreter for a new .venv,
@@ -11,7 +12,7 @@
 set -euo pipefail
 
 usage() {
-    sed -n '2,10s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
+    sed -n '2,11s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
 }
 
 with_test=0
@@ -129,5 +130,18 @@ else
 fi
 log "pip install -e \"$target\""
 quietly .venv/bin/python -m pip install -e "$target"
+
+# --- The node SMSC for the SMPP tests (npm `smpp`, pinned by package-lock.json) --------------
+if ((with_test)); then
+    node_smsc=gateway/testing/node_smsc
+    if cmp -s "$node_smsc/package-lock.json" "$node_smsc/node_modules/.bootstrap-lock.json"; then
+        log "node SMSC packages already installed ($node_smsc)"
+    else
+        command -v npm >/dev/null 2>&1 || die "npm not found: install Node.js with npm (Debian: nodejs npm)"
+        log "npm ci in $node_smsc"
+        quietly npm ci --no-audit --no-fund --prefix "$node_smsc"
+        cp "$node_smsc/package-lock.json" "$node_smsc/node_modules/.bootstrap-lock.json"
+    fi
+fi
 
 log "bootstrap done"
