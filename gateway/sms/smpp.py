@@ -1,0 +1,951 @@
+"""The gateway's SMPP 3.4 client on smpplib: one I/O thread per link, results handed to the reactor.
+
+::
+
+    reactor thread                              I/O thread (one per link)
+    ──────────────                              ─────────────────────────
+    SmppClient.submit(part) ──► command queue ─► pending (FIFO) ─► Pacer + Window ─► submit_sm
+                                + wake-up byte                     (gateway.sms.link)
+    Deferred fires ◄──────── callFromThread ◄── events of one loop iteration, as one list
+    on_deliver(DeliverSm) ◄─ (batched)      ◄── deliver_sm
+    ack after it is stored ► command queue  ─► deliver_sm_resp, written ahead of queued submits
+
+smpplib 2.2.4 has no send lock, an unlocked sequence counter, and sends ``enquire_link`` from
+whichever thread reads (LIBRARIES.md); so every socket of a link is read and written by its one
+I/O thread, with ``select`` over the sockets and a socketpair that wakes it for new commands.
+smpplib builds and parses the PDUs and creates the sockets; its blocking read loop is not used:
+the thread frames PDUs itself (a garbled length drops the connection instead of hanging it),
+answers ``deliver_sm`` only once the gateway has stored it (SPEC R3.7a), answers the SMSC's
+``unbind`` (smpplib never does) and keeps its own window of outstanding submits, because after a
+dropped link smpplib does not know which went unanswered.
+
+Every submit's Deferred fires exactly once: with the SMSC's message_id, or with
+:class:`SubmitRejected`, :class:`SubmitOutcomeUnknown` or :class:`NotSubmitted`. Throttling
+(``ESME_RTHROTTLED``, ``ESME_RMSGQFUL``) never reaches the caller: the same part is sent again
+after a pause, at a lower pace (issue 4: slow down, never drop).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import queue
+import random
+import select
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import smpplib.client
+import smpplib.command
+import smpplib.consts
+import smpplib.smpp
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.python.failure import Failure
+
+from gateway.config import SmppConfig
+from gateway.sms.link import (
+    THROTTLING_STATUSES,
+    Backoff,
+    FramingError,
+    Header,
+    Pacer,
+    PduFramer,
+    Window,
+    is_permanent,
+    read_header,
+)
+
+log = logging.getLogger("gateway.sms.smpp")
+
+ESME_ROK = 0x00
+ESME_RINVCMDLEN = 0x02
+ESME_RINVCMDID = 0x03
+ESME_RX_T_APPN = 0x64
+GENERIC_NACK = 0x80000000
+SUBMIT_SM_RESP = 0x80000004
+
+STATUS_NAMES: dict[int, str] = {
+    value: name[len("SMPP_") :]
+    for name, value in vars(smpplib.consts).items()
+    if name.startswith("SMPP_ESME_") and isinstance(value, int)
+}
+
+
+def status_name(status: int) -> str:
+    """``ESME_RTHROTTLED`` for 0x58; the hex code for a status SMPP 3.4 does not name."""
+    return STATUS_NAMES.get(status, f"0x{status:08X}")
+
+
+# ---------------------------------------------------------------------------------------------
+# What the gateway hands in and gets back
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SubmitPart:
+    """One short message to submit (one part of an invitation, SPEC R3.1)."""
+
+    destination: str  # citizen's number as digits
+    source: str  # source_addr + extension code (SPEC R3.6)
+    short_message: bytes  # UDH + UCS2 payload, from gateway.sms.text.Part.short_message
+    esm_class: int  # 0x40 when a UDH is present
+    data_coding: int = 8
+    registered_delivery: int = 1
+
+
+class SubmitRejected(Exception):
+    """The SMSC answered the submit with an error status other than throttling."""
+
+    def __init__(self, status: int) -> None:
+        self.status = status
+        self.name = status_name(status)
+        self.permanent = is_permanent(status)
+        kind = "permanently" if self.permanent else "for now"
+        super().__init__(f"the SMSC refused the message {kind}: {self.name} (0x{status:08X})")
+
+
+class SubmitOutcomeUnknown(Exception):
+    """The submit was written to the socket, but no answer came: the link dropped or it timed out.
+
+    The SMSC may or may not have accepted it; sending it again may deliver it twice.
+    """
+
+
+class NotSubmitted(Exception):
+    """The submit was never written (the client is stopping); it is safe to send again."""
+
+
+@dataclass(frozen=True)
+class DeliverSm:
+    """An incoming ``deliver_sm``: a citizen's reply or a delivery receipt, decoded minimally."""
+
+    source_addr: str
+    destination_addr: str
+    esm_class: int
+    data_coding: int
+    short_message: bytes  # or the message_payload TLV when the SMSC used that
+    receipted_message_id: str | None = None
+    message_state: int | None = None
+    sar_msg_ref_num: int | None = None
+    sar_total_segments: int | None = None
+    sar_segment_seqnum: int | None = None
+
+    @property
+    def is_receipt(self) -> bool:
+        """SMSC delivery receipt (esm_class 0x04) or intermediate notification (0x08)."""
+        return self.esm_class & 0x3C in (0x04, 0x08)
+
+    @classmethod
+    def from_pdu(cls, pdu: Any) -> DeliverSm:
+        def text(value: Any) -> str:
+            if value is None:
+                return ""
+            if isinstance(value, bytes):
+                return value.split(b"\x00", 1)[0].decode("latin-1")
+            return str(value)
+
+        receipted = text(pdu.receipted_message_id) or None
+        return cls(
+            source_addr=text(pdu.source_addr),
+            destination_addr=text(pdu.destination_addr),
+            esm_class=int(pdu.esm_class or 0),
+            data_coding=int(pdu.data_coding or 0),
+            short_message=bytes(pdu.short_message or pdu.message_payload or b""),
+            receipted_message_id=receipted,
+            message_state=pdu.message_state,
+            sar_msg_ref_num=pdu.sar_msg_ref_num,
+            sar_total_segments=pdu.sar_total_segments,
+            sar_segment_seqnum=pdu.sar_segment_seqnum,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# smpplib, wrapped
+# ---------------------------------------------------------------------------------------------
+
+
+class _Sequence:
+    """Sequence numbers 1, 2, … 0x7FFFFFFF, 1, … (smpplib's own generator starts at 2)."""
+
+    def __init__(self) -> None:
+        self.sequence = 0
+
+    def next_sequence(self) -> int:
+        self.sequence = self.sequence % 0x7FFFFFFF + 1
+        return self.sequence
+
+
+class _NoSequence:
+    """Parsing client: smpplib takes a sequence number for every PDU it parses; this gives 0."""
+
+    sequence = 0
+
+    def next_sequence(self) -> int:
+        return 0
+
+
+_PARSING = _NoSequence()
+
+
+class _Client(smpplib.client.Client):  # type: ignore[misc]
+    """One smpplib client per TCP connection, used by the I/O thread alone.
+
+    It numbers the requests and creates the socket; the thread does the reading and writing.
+    """
+
+    def __init__(self, host: str, port: int, timeout: float) -> None:
+        super().__init__(
+            host,
+            port,
+            timeout=timeout,
+            sequence_generator=_Sequence(),
+            allow_unknown_opt_params=True,
+            logger_name="gateway.sms.smpplib",
+        )
+
+    def __del__(self) -> None:  # the thread closes the socket itself
+        pass
+
+
+def _parse(raw: bytes) -> Any:
+    return smpplib.smpp.parse_pdu(raw, client=_PARSING, allow_unknown_opt_params=True)
+
+
+def _response(command: str, sequence: int, status: int = ESME_ROK) -> bytes:
+    pdu = smpplib.smpp.make_pdu(command, client=_PARSING, status=status)
+    pdu.sequence = sequence
+    return bytes(pdu.generate())
+
+
+# ---------------------------------------------------------------------------------------------
+# The I/O thread
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Queued:
+    token: int
+    part: SubmitPart
+
+
+@dataclass
+class _Connection:
+    """One TCP connection and its bind: a transceiver, or the transmitter or receiver of a pair."""
+
+    ident: int
+    role: str  # "transceiver" | "transmitter" | "receiver"
+    client: _Client
+    sock: socket.socket
+    phase: str = "connecting"  # connecting → binding → bound → unbinding
+    deadline: float = 0.0  # for connecting, binding, unbinding
+    bind_sequence: int = 0
+    out: bytearray = field(default_factory=bytearray)
+    framer: PduFramer = field(default_factory=PduFramer)
+    last_received: float = 0.0
+    enquire_deadline: float | None = None
+
+    @property
+    def sends(self) -> bool:
+        return self.role in ("transceiver", "transmitter")
+
+
+class LinkDropped(Exception):
+    """The connection cannot go on; the reason is worded for the log and ``state()``."""
+
+
+class _Link:
+    """The I/O loop of one SMPP link: connects, binds, paces submits, reads, reconnects."""
+
+    def __init__(
+        self,
+        config: SmppConfig,
+        emit: Callable[[list[tuple[Any, ...]]], None],
+        clock: Callable[[], float],
+        rng: random.Random,
+    ) -> None:
+        self.config = config
+        self._emit = emit
+        self._clock = clock
+        self.commands: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._woken = False
+        self.pacer = Pacer(
+            config.rate,
+            throttle_delay=config.throttle_delay,
+            throttle_max_delay=config.throttle_max_delay,
+            recovery=config.throttle_recovery,
+        )
+        self.window: Window[_Queued] = Window(config.window, config.response_timeout)
+        self.backoff = Backoff(config.reconnect_min_delay, config.reconnect_max_delay, rng)
+        self.pending: deque[_Queued] = deque()
+        self.connections: list[_Connection] = []
+        self._next_ident = 0
+        self._reconnect_at = 0.0
+        self._events: list[tuple[Any, ...]] = []
+        self._stopping = False
+        self._stop_deadline = 0.0
+        self._done = False
+        # read by SmppClient.state() from the reactor thread (plain attribute reads)
+        self.bound = False
+        self.phase = "disconnected"
+        self.submitted_total = 0
+        self.errors_total = 0
+        self.throttled_total = 0
+        self.reconnects = 0
+        self.last_error: str | None = None
+
+    # -- from the reactor thread -------------------------------------------------------------------
+
+    def command(self, *command: Any) -> None:
+        self.commands.put(command)
+        if not self._woken:
+            self._woken = True
+            # full (the thread is far behind, and will wake anyway) or closed (stopped)
+            with contextlib.suppress(OSError):
+                self._wake_w.send(b"w")
+
+    # -- the loop -----------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            while not self._done:
+                try:
+                    self._iterate()
+                except Exception as error:  # a bug or a surprise: log it, drop the link, go on
+                    log.exception("event=smpp.loop_error error=%s", type(error).__name__)
+                    self._drop(f"internal error: {type(error).__name__}: {error}")
+                self._flush_events()
+        finally:
+            self._finish()
+
+    def _iterate(self) -> None:
+        now = self._clock()
+        readable, writable = self._wait(now)
+        now = self._clock()
+        if self._wake_r in readable:
+            self._drain_wake()
+        self._take_commands(now)
+        for conn in list(self.connections):
+            if conn not in self.connections:
+                continue
+            try:
+                if conn.sock in writable:
+                    if conn.phase == "connecting":
+                        self._connected(conn, now)
+                    else:
+                        self._write(conn)
+                if conn.sock in readable and conn in self.connections:
+                    self._read(conn, now)
+            except LinkDropped as error:
+                self._drop(str(error))
+        try:
+            self._timers(now)
+            self._send_submits(now)
+            for conn in self.connections:
+                if conn.out:
+                    self._write(conn)
+        except LinkDropped as error:
+            self._drop(str(error))
+        self._check_stopped(now)
+
+    def _wait(self, now: float) -> tuple[list[Any], list[Any]]:
+        wake_at = self._next_wakeup(now)
+        timeout = min(max(0.0, wake_at - now), 1.0)
+        reads: list[Any] = [self._wake_r]
+        writes: list[Any] = []
+        for conn in self.connections:
+            if conn.phase == "connecting":
+                writes.append(conn.sock)
+            else:
+                reads.append(conn.sock)
+                if conn.out:
+                    writes.append(conn.sock)
+        readable, writable, _ = select.select(reads, writes, [], timeout)
+        return readable, writable
+
+    def _next_wakeup(self, now: float) -> float:
+        times: list[float] = [now + 1.0]
+        if not self.connections and not self._stopping:
+            times.append(self._reconnect_at)
+        for conn in self.connections:
+            if conn.phase in ("connecting", "binding", "unbinding"):
+                times.append(conn.deadline)
+            if conn.phase == "bound":
+                times.append(conn.enquire_deadline or conn.last_received + self.config.enquire_link_interval)
+        deadline = self.window.next_deadline()
+        if deadline is not None:
+            times.append(deadline)
+        if self.pending and self.bound and self.window.has_room and not self._stopping:
+            times.append(self.pacer.next_send_at(now))
+        if self._stopping:
+            times.append(self._stop_deadline)
+        return min(times)
+
+    def _drain_wake(self) -> None:
+        self._woken = False
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    # -- commands from the reactor ------------------------------------------------------------------
+
+    def _take_commands(self, now: float) -> None:
+        while True:
+            try:
+                command = self.commands.get_nowait()
+            except queue.Empty:
+                return
+            kind = command[0]
+            if kind == "submit":
+                if self._stopping:
+                    self._events.append(("not_submitted", command[1]))
+                else:
+                    self.pending.append(_Queued(command[1], command[2]))
+            elif kind == "ack":
+                self._ack(command[1], command[2], command[3])
+            elif kind == "stop":
+                self._begin_stop(now)
+
+    def _ack(self, ident: int, sequence: int, status: int) -> None:
+        """deliver_sm_resp once the gateway has stored the message (SPEC R3.7a), ahead of submits."""
+        for conn in self.connections:
+            if conn.ident == ident and conn.phase in ("bound", "unbinding"):
+                conn.out += _response("deliver_sm_resp", sequence, status)
+                return
+        # That connection is gone: the SMSC delivers the message again on the next one.
+
+    def _begin_stop(self, now: float) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        self._stop_deadline = now + self.config.response_timeout
+        while self.pending:
+            self._events.append(("not_submitted", self.pending.popleft().token))
+
+    def _check_stopped(self, now: float) -> None:
+        if not self._stopping:
+            return
+        if len(self.window) and now < self._stop_deadline and self.bound:
+            return
+        for entry in self.window.drain():
+            self._unknown(entry.item.token, "the client stopped before the SMSC answered")
+        unbinding = [c for c in self.connections if c.phase == "unbinding"]
+        for conn in self.connections:
+            if conn.phase == "bound":
+                pdu = smpplib.smpp.make_pdu("unbind", client=conn.client)
+                conn.out += pdu.generate()
+                conn.phase = "unbinding"
+                conn.deadline = now + min(self.config.response_timeout, 2.0)
+                unbinding.append(conn)
+        if unbinding and now < max(c.deadline for c in unbinding):
+            return
+        self._close_all()
+        self._done = True
+
+    # -- connecting and binding ---------------------------------------------------------------------
+
+    def _timers(self, now: float) -> None:
+        if not self.connections and not self._stopping and now >= self._reconnect_at:
+            self._connect(now)
+        for conn in list(self.connections):
+            if conn.phase == "connecting" and now >= conn.deadline:
+                raise LinkDropped(f"cannot connect to {self.config.host}:{self.config.port}: no answer")
+            if conn.phase == "binding" and now >= conn.deadline:
+                raise LinkDropped(f"the SMSC did not answer the {conn.role} bind within the response timeout")
+            if conn.phase == "unbinding" and now >= conn.deadline:
+                conn.phase = "closing"
+            if conn.phase == "bound":
+                if conn.enquire_deadline is not None and now >= conn.enquire_deadline:
+                    raise LinkDropped("the SMSC stopped answering (no enquire_link_resp)")
+                if conn.enquire_deadline is None and now - conn.last_received >= self.config.enquire_link_interval:
+                    conn.out += smpplib.smpp.make_pdu("enquire_link", client=conn.client).generate()
+                    conn.enquire_deadline = now + self.config.response_timeout
+        for entry in self.window.expired(now):
+            self.errors_total += 1
+            self._unknown(entry.item.token, "no submit_sm_resp within the response timeout")
+
+    def _connect(self, now: float) -> None:
+        roles = ["transceiver"] if self.config.bind_mode == "transceiver" else ["transmitter", "receiver"]
+        self.phase = "connecting"
+        for role in roles:
+            client = _Client(self.config.host, self.config.port, self.config.response_timeout)
+            sock = client._create_socket()
+            sock.setblocking(False)
+            self._next_ident += 1
+            conn = _Connection(self._next_ident, role, client, sock, deadline=now + self.config.response_timeout)
+            self.connections.append(conn)
+            try:
+                code = sock.connect_ex((self.config.host, self.config.port))
+            except OSError as error:  # e.g. the host name does not resolve
+                raise LinkDropped(f"cannot connect to {self.config.host}:{self.config.port}: {error}") from None
+            if code not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
+                raise LinkDropped(
+                    f"cannot connect to {self.config.host}:{self.config.port}: {errno.errorcode.get(code)}"
+                )
+
+    def _connected(self, conn: _Connection, now: float) -> None:
+        code = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code:
+            reason = errno.errorcode.get(code, str(code))
+            raise LinkDropped(f"cannot connect to {self.config.host}:{self.config.port}: {reason}")
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.client._socket = conn.sock
+        conn.client.state = smpplib.consts.SMPP_CLIENT_STATE_OPEN
+        command = f"bind_{conn.role}"
+        pdu = smpplib.smpp.make_pdu(
+            command,
+            client=conn.client,
+            system_id=self.config.system_id,
+            password=self.config.password,
+            system_type=self.config.system_type,
+            addr_ton=0,
+            addr_npi=0,
+            address_range="",
+        )
+        conn.bind_sequence = pdu.sequence
+        conn.out += pdu.generate()
+        conn.phase = "binding"
+        conn.deadline = now + self.config.response_timeout
+        conn.last_received = now
+        self.phase = "binding"
+
+    def _bind_answered(self, conn: _Connection, header: Header, now: float) -> None:
+        if header.status != ESME_ROK:
+            name = status_name(header.status)
+            self.backoff.attempts = max(self.backoff.attempts, 3)  # do not hammer an SMSC refusing us
+            hint = (
+                "check [smpp] system_id and password"
+                if header.status in (0x0E, 0x0F, 0x0D)
+                else "check [smpp] system_type and bind_mode"
+            )
+            log.error(
+                "event=smpp.bind_refused role=%s status=%s system_id=%s host=%s port=%s: the SMSC refused the bind; %s",
+                conn.role,
+                name,
+                self.config.system_id,
+                self.config.host,
+                self.config.port,
+                hint,
+            )
+            raise LinkDropped(f"the SMSC refused the {conn.role} bind: {name}; {hint}")
+        conn.phase = "bound"
+        conn.client.state = smpplib.consts.STATE_SETTERS[f"bind_{conn.role}_resp"]
+        conn.last_received = now
+        if all(c.phase == "bound" for c in self.connections):
+            self.bound = True
+            self.phase = "bound"
+            self.backoff.reset()
+            self.last_error = None
+            log.info(
+                "event=smpp.bound mode=%s host=%s port=%s system_id=%s",
+                self.config.bind_mode,
+                self.config.host,
+                self.config.port,
+                self.config.system_id,
+            )
+            self._events.append(("bound",))
+
+    # -- writing --------------------------------------------------------------------------------------
+
+    def _send_submits(self, now: float) -> None:
+        if not self.bound or self._stopping:
+            return
+        conn = next(c for c in self.connections if c.sends)
+        config = self.config
+        pacer, window, pending = self.pacer, self.window, self.pending
+        while pending and window.has_room and pacer.ready(now):
+            queued = pending.popleft()
+            part = queued.part
+            pdu = smpplib.smpp.make_pdu(
+                "submit_sm",
+                client=conn.client,
+                service_type="",
+                source_addr_ton=config.source_addr_ton,
+                source_addr_npi=config.source_addr_npi,
+                source_addr=part.source,
+                dest_addr_ton=config.dest_addr_ton,
+                dest_addr_npi=config.dest_addr_npi,
+                destination_addr=part.destination,
+                esm_class=part.esm_class,
+                registered_delivery=part.registered_delivery,
+                data_coding=part.data_coding,
+                short_message=part.short_message,
+            )
+            try:
+                raw = pdu.generate()
+            except Exception as error:  # a part smpplib cannot encode: the caller's mistake, said plainly
+                self._events.append(("rejected_locally", queued.token, f"{type(error).__name__}: {error}"))
+                continue
+            conn.out += raw
+            window.open(pdu.sequence, queued, now)
+            pacer.sent(now)
+
+    def _write(self, conn: _Connection) -> None:
+        try:
+            sent = conn.sock.send(conn.out)
+        except BlockingIOError:
+            return
+        except OSError as error:
+            raise LinkDropped(f"the connection to the SMSC broke while writing: {error.strerror or error}") from None
+        del conn.out[:sent]
+
+    # -- reading --------------------------------------------------------------------------------------
+
+    def _read(self, conn: _Connection, now: float) -> None:
+        try:
+            data = conn.sock.recv(262144)
+        except BlockingIOError:
+            return
+        except OSError as error:
+            raise LinkDropped(f"the connection to the SMSC broke: {error.strerror or error}") from None
+        if not data:
+            if conn.phase == "unbinding":
+                conn.phase = "closing"
+                return
+            raise LinkDropped("the SMSC closed the connection")
+        try:
+            pdus = conn.framer.feed(data)
+        except FramingError as error:
+            raise LinkDropped(f"garbled data from the SMSC: {error}") from None
+        conn.last_received = now
+        for raw in pdus:
+            self._handle(conn, raw, now)
+
+    def _handle(self, conn: _Connection, raw: bytes, now: float) -> None:
+        header = read_header(raw)
+        if header.command_id == SUBMIT_SM_RESP:
+            self._submit_answered(header, raw, now)  # the hot path: read without smpplib
+            return
+        if conn.phase == "binding" and header.sequence == conn.bind_sequence and header.is_response:
+            self._bind_answered(conn, header, now)
+            return
+        try:
+            pdu = _parse(raw)
+        except Exception as error:
+            self.errors_total += 1
+            if header.is_response:
+                log.warning("event=smpp.garbled_pdu command_id=0x%08X error=%s", header.command_id, error)
+            else:
+                unknown = isinstance(error, smpplib.exceptions.UnknownCommandError)
+                status = ESME_RINVCMDID if unknown else ESME_RINVCMDLEN
+                log.warning(
+                    "event=smpp.garbled_pdu command_id=0x%08X answer=generic_nack status=%s",
+                    header.command_id,
+                    status_name(status),
+                )
+                conn.out += _response("generic_nack", header.sequence, status)
+            return
+        command = pdu.command
+        if command == "deliver_sm":
+            self._events.append(("deliver", conn.ident, header.sequence, DeliverSm.from_pdu(pdu)))
+        elif command == "enquire_link":
+            conn.out += _response("enquire_link_resp", header.sequence)
+        elif command == "enquire_link_resp":
+            conn.enquire_deadline = None
+        elif command == "unbind":
+            conn.out += _response("unbind_resp", header.sequence)
+            self._write(conn)
+            log.warning("event=smpp.unbound_by_smsc role=%s", conn.role)
+            raise LinkDropped("the SMSC unbound")
+        elif command == "unbind_resp":
+            conn.phase = "closing"
+        elif command == "generic_nack":
+            self._generic_nack(conn, header)
+        elif command == "alert_notification":
+            pass
+        elif pdu.is_request():
+            conn.out += _response("generic_nack", header.sequence, ESME_RINVCMDID)
+        else:
+            log.info("event=smpp.unexpected_pdu command=%s", command)
+
+    def _submit_answered(self, header: Header, raw: bytes, now: float) -> None:
+        entry = self.window.close(header.sequence)
+        if entry is None:
+            log.warning("event=smpp.late_submit_resp status=%s", status_name(header.status))
+            return
+        token = entry.item.token
+        status = header.status
+        if status == ESME_ROK:
+            message_id = raw[16:].split(b"\x00", 1)[0].decode("latin-1")
+            self.submitted_total += 1
+            self._events.append(("ok", token, message_id))
+        elif status in THROTTLING_STATUSES:
+            self.throttled_total += 1
+            resume = self.pacer.throttled(now, entry.sent_at)
+            if self._stopping:
+                self._events.append(("not_submitted", token))
+            else:
+                self.pending.appendleft(entry.item)  # the same part goes again, first
+            log.info(
+                "event=smpp.throttled status=%s pace=%.2f resume_in=%.2f",
+                status_name(status),
+                self.pacer.pace(now),
+                max(0.0, resume - now),
+            )
+        else:
+            self.errors_total += 1
+            self._events.append(("rejected", token, status))
+
+    def _generic_nack(self, conn: _Connection, header: Header) -> None:
+        if conn.phase == "binding" and header.sequence == conn.bind_sequence:
+            raise LinkDropped(f"the SMSC refused the bind with generic_nack {status_name(header.status)}")
+        log.warning("event=smpp.generic_nack status=%s", status_name(header.status))
+        entry = self.window.close(header.sequence) if header.sequence else None
+        if entry is not None:
+            self.errors_total += 1
+            self._events.append(("rejected", entry.item.token, header.status or ESME_RINVCMDID))
+
+    # -- dropping and stopping ------------------------------------------------------------------------
+
+    def _unknown(self, token: int, reason: str) -> None:
+        self._events.append(("unknown", token, reason))
+
+    def _drop(self, reason: str) -> None:
+        """Close the link; what was in flight has an unknown outcome; reconnect after a backoff."""
+        was_bound = self.bound
+        self.last_error = reason
+        lost = self.window.drain()
+        for entry in lost:
+            self._unknown(entry.item.token, f"the link dropped before the SMSC answered ({reason})")
+        self._close_all()
+        if self._stopping:
+            self._done = True
+            return
+        delay = self.backoff.next_delay()
+        self._reconnect_at = self._clock() + delay
+        self.reconnects += 1
+        self.phase = "backoff"
+        log.warning("event=smpp.link_down reason=%r in_flight_lost=%d reconnect_in=%.2f", reason, len(lost), delay)
+        if was_bound:
+            self._events.append(("unbound", reason))
+
+    def _close_all(self) -> None:
+        for conn in self.connections:
+            try:
+                if conn.out and conn.phase != "connecting":
+                    conn.sock.send(conn.out)
+            except OSError:
+                pass
+            conn.sock.close()
+            conn.client._socket = None
+            conn.client.state = smpplib.consts.SMPP_CLIENT_STATE_CLOSED
+        self.connections = []
+        self.bound = False
+        self.phase = "disconnected"
+
+    def _flush_events(self) -> None:
+        if self._events:
+            events, self._events = self._events, []
+            self._emit(events)
+
+    def _finish(self) -> None:
+        """However the loop ended, every submit it holds is resolved, and the reactor is told."""
+        for entry in self.window.drain():
+            self._unknown(entry.item.token, "the client stopped before the SMSC answered")
+        while self.pending:
+            self._events.append(("not_submitted", self.pending.popleft().token))
+        while True:
+            try:
+                command = self.commands.get_nowait()
+            except queue.Empty:
+                break
+            if command[0] == "submit":
+                self._events.append(("not_submitted", command[1]))
+        self._close_all()
+        self.phase = "stopped"
+        self._events.append(("stopped",))
+        self._flush_events()
+        self._wake_r.close()
+        self._wake_w.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The Twisted service
+# ---------------------------------------------------------------------------------------------
+
+
+class SmppClient(Service):
+    """The gateway's SMPP client: a Twisted service that owns one link and its I/O thread."""
+
+    def __init__(
+        self,
+        config: SmppConfig,
+        reactor: Any,
+        on_deliver: Callable[[DeliverSm], defer.Deferred[None]],
+        *,
+        clock_for_tests: Callable[[], float] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self._reactor = reactor
+        self._on_deliver = on_deliver
+        self._clock = clock_for_tests or time.monotonic
+        self._rng = rng or random.Random()
+        self._next_token = 0
+        self._waiting: dict[int, defer.Deferred[str]] = {}
+        self._bound_waiters: list[defer.Deferred[None]] = []
+        self._stopped_waiters: list[defer.Deferred[None]] = []
+        self._bound = False
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._link = self._new_link()
+
+    def _new_link(self) -> _Link:
+        return _Link(self.config, self._from_thread, self._clock, self._rng)
+
+    # -- the API ----------------------------------------------------------------------------------
+
+    def submit(self, part: SubmitPart) -> defer.Deferred[str]:
+        """Send one part; fires with the SMSC's message_id, or fails (see the module docstring)."""
+        if self._stopping:
+            return defer.fail(NotSubmitted("the SMPP client is stopping; send the part again later"))
+        self._next_token += 1
+        token = self._next_token
+        waiting: defer.Deferred[str] = defer.Deferred()
+        self._waiting[token] = waiting
+        self._link.command("submit", token, part)
+        return waiting
+
+    def when_bound(self) -> defer.Deferred[None]:
+        if self._bound:
+            return defer.succeed(None)
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self._bound_waiters.append(waiter)
+        return waiter
+
+    def state(self) -> dict[str, Any]:
+        link = self._link
+        return {
+            "bound": link.bound,
+            "phase": link.phase,
+            "bind_mode": self.config.bind_mode,
+            "window_in_use": len(link.window),
+            "window": self.config.window,
+            "rate": self.config.rate,
+            "pace": round(link.pacer.pace(self._clock()), 3),
+            "queued": max(0, len(self._waiting) - len(link.window)),
+            "submitted_total": link.submitted_total,
+            "errors_total": link.errors_total,
+            "throttled_total": link.throttled_total,
+            "reconnects": link.reconnects,
+            "last_error": link.last_error,
+        }
+
+    # -- Service ----------------------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        if self._thread is not None:
+            return
+        if self._link.phase == "stopped":
+            self._link = self._new_link()  # started again after a stop: afresh
+        self._stopping = False
+        self._thread = threading.Thread(target=self._link.run, name="smpp-link", daemon=True)
+        self._thread.start()
+
+    def stopService(self) -> defer.Deferred[None]:
+        """Unbind politely and end the I/O thread, without blocking the reactor.
+
+        Queued parts fail with :class:`NotSubmitted`; parts in flight get their answer, or
+        :class:`SubmitOutcomeUnknown` after the response timeout.
+        """
+        super().stopService()
+        self._stopping = True
+        if self._link.phase == "stopped":
+            return defer.succeed(None)
+        if self._thread is None:
+            self._link._finish()
+            return defer.succeed(None)
+        stopped: defer.Deferred[None] = defer.Deferred()
+        self._stopped_waiters.append(stopped)
+        self._link.command("stop")
+        return stopped
+
+    # -- from the I/O thread ----------------------------------------------------------------------
+
+    def _from_thread(self, events: list[tuple[Any, ...]]) -> None:
+        if self._thread is None or threading.current_thread() is not self._thread:
+            self._handle_events(events)  # the thread never started: already on the reactor
+        else:
+            self._reactor.callFromThread(self._handle_events, events)
+
+    def _handle_events(self, events: list[tuple[Any, ...]]) -> None:
+        for event in events:
+            kind = event[0]
+            if kind == "ok":
+                self._resolve(event[1], event[2])
+            elif kind == "rejected":
+                self._fail(event[1], SubmitRejected(event[2]))
+            elif kind == "unknown":
+                self._fail(event[1], SubmitOutcomeUnknown(event[2]))
+            elif kind == "not_submitted":
+                self._fail(event[1], NotSubmitted("the SMPP client stopped before sending the part"))
+            elif kind == "rejected_locally":
+                self._fail(event[1], ValueError(f"the part cannot be encoded as a submit_sm: {event[2]}"))
+            elif kind == "deliver":
+                self._deliver(event[1], event[2], event[3])
+            elif kind == "bound":
+                self._bound = True
+                waiters, self._bound_waiters = self._bound_waiters, []
+                for waiter in waiters:
+                    waiter.callback(None)
+            elif kind == "unbound":
+                self._bound = False
+            elif kind == "stopped":
+                self._stopped()
+
+    def _resolve(self, token: int, message_id: str) -> None:
+        waiting = self._waiting.pop(token, None)
+        if waiting is not None:
+            waiting.callback(message_id)
+
+    def _fail(self, token: int, error: Exception) -> None:
+        waiting = self._waiting.pop(token, None)
+        if waiting is not None:
+            waiting.errback(Failure(error))
+
+    def _deliver(self, ident: int, sequence: int, message: DeliverSm) -> None:
+        link = self._link
+
+        def stored(_: object) -> None:
+            link.command("ack", ident, sequence, ESME_ROK)
+
+        def not_stored(failure: Failure) -> None:
+            log.error(
+                "event=smpp.deliver_not_stored error=%s answer=ESME_RX_T_APPN: the SMSC will deliver it again",
+                failure.type.__name__ if failure.type else "?",
+            )
+            link.command("ack", ident, sequence, ESME_RX_T_APPN)
+
+        defer.maybeDeferred(self._on_deliver, message).addCallbacks(stored, not_stored)
+
+    def _stopped(self) -> None:
+        self._bound = False
+        for token in list(self._waiting):  # nothing should be left; never leave a caller hanging
+            self._fail(token, SubmitOutcomeUnknown("the SMPP client stopped"))
+        waiters, self._bound_waiters = self._bound_waiters, []
+        for waiter in waiters:
+            waiter.errback(Failure(NotSubmitted("the SMPP client stopped before it was bound")))
+        thread = self._thread
+        self._thread = None
+
+        def joined() -> None:
+            if thread is not None and thread.is_alive():
+                self._reactor.callLater(0.005, joined)
+                return
+            stopped, self._stopped_waiters = self._stopped_waiters, []
+            for waiter in stopped:
+                waiter.callback(None)
+
+        joined()

@@ -1,0 +1,539 @@
+"""The SMPP client against real peers on loopback: the project's fault-injecting SMSC and node-smpp.
+
+Each test runs on a fresh reactor of its own, with a LoopingCall ticking every 10 ms beside the
+client to prove the reactor is never blocked. Per fault, it asserts that every submit's Deferred
+fires exactly once with the right kind of outcome, that no part the SMSC acknowledged ESME_ROK
+is sent again, and that throttled parts arrive later. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import struct
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from twisted.internet import defer, task
+from twisted.internet.selectreactor import SelectReactor
+from twisted.python.failure import Failure
+
+from gateway.config import load_config
+from gateway.sms.smpp import (
+    DeliverSm,
+    NotSubmitted,
+    SmppClient,
+    SubmitOutcomeUnknown,
+    SubmitPart,
+    SubmitRejected,
+)
+from gateway.sms.text import encode_ucs2_parts
+from gateway.testing.smsc import Fault, Smsc, encode_pdu, nth
+
+# -- harness -------------------------------------------------------------------------------------
+
+
+def smpp_config(port: int, **overrides: Any) -> Any:
+    values: dict[str, Any] = {
+        "enabled": True,
+        "host": "127.0.0.1",
+        "port": port,
+        "system_id": "gateway",
+        "password": "secret",
+        "window": 10,
+        "rate": 1000.0,
+        "response_timeout": 1.0,
+        "enquire_link_interval": 5.0,
+        "reconnect_min_delay": 0.05,
+        "reconnect_max_delay": 0.4,
+        "throttle_delay": 0.1,
+        "throttle_max_delay": 0.4,
+        "throttle_recovery": 0.5,
+    }
+    values.update(overrides)
+    return dataclasses.replace(load_config(environ={}).smpp, **values)
+
+
+def run_on_reactor(scenario: Callable[[Any], Awaitable[Any]], timeout: float = 15.0) -> Any:
+    """Run ``scenario(reactor)`` on a fresh reactor of its own (pytest has none running)."""
+    reactor = SelectReactor()
+    outcome: list[Any] = []
+
+    def finish(result: Any) -> None:
+        outcome.append(result)
+        if reactor.running:
+            reactor.stop()
+
+    reactor.callWhenRunning(lambda: defer.ensureDeferred(scenario(reactor)).addBoth(finish))
+    guard = reactor.callLater(timeout, finish, Failure(TimeoutError(f"scenario still running after {timeout} s")))
+    reactor.run(installSignalHandlers=False)
+    if guard.active():
+        guard.cancel()
+    for call in reactor.getDelayedCalls():
+        call.cancel()
+    reactor.disconnectAll()
+    result = outcome[0]
+    if isinstance(result, Failure):
+        result.raiseException()
+    return result
+
+
+async def sleep(reactor: Any, seconds: float) -> None:
+    waiting: defer.Deferred[None] = defer.Deferred()
+    reactor.callLater(seconds, waiting.callback, None)
+    await waiting
+
+
+async def until(reactor: Any, condition: Callable[[], object], timeout: float, what: str) -> None:
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        await sleep(reactor, 0.01)
+
+
+class Ticker:
+    """A LoopingCall every 10 ms; ``max_gap`` says how long the reactor was ever kept busy."""
+
+    def __init__(self, reactor: Any) -> None:
+        self.last = time.monotonic()
+        self.max_gap = 0.0
+        self.ticks = 0
+        self.loop = task.LoopingCall(self.tick)
+        self.loop.clock = reactor
+        self.loop.start(0.01)
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        self.max_gap = max(self.max_gap, now - self.last)
+        self.last = now
+        self.ticks += 1
+
+    def stop(self) -> None:
+        self.loop.stop()
+
+
+class Outcomes:
+    """Collects how each submit's Deferred fired, and fails the test if one fires twice."""
+
+    def __init__(self) -> None:
+        self.results: dict[int, Any] = {}
+
+    def watch(self, index: int, deferred: defer.Deferred[str]) -> defer.Deferred[None]:
+        def record(result: Any) -> None:
+            assert index not in self.results, f"submit {index} resolved twice"
+            self.results[index] = result.value if isinstance(result, Failure) else result
+
+        return deferred.addBoth(record)
+
+    def of_kind(self, kind: type) -> list[int]:
+        return sorted(i for i, r in self.results.items() if isinstance(r, kind))
+
+    def ids(self) -> dict[int, str]:
+        return {i: r for i, r in self.results.items() if isinstance(r, str)}
+
+
+def part(number: int, text: str = "您好，请评价") -> SubmitPart:
+    (only,) = encode_ucs2_parts(text, 0)
+    return SubmitPart(f"1380000{number:04d}", "106900123450001", only.short_message, only.esm_class)
+
+
+async def stored(_message: DeliverSm) -> None:
+    return None
+
+
+async def submit_all(
+    reactor: Any, client: SmppClient, parts: list[SubmitPart], timeout: float = 8.0
+) -> tuple[Outcomes, list[defer.Deferred[None]]]:
+    outcomes = Outcomes()
+    watched = [outcomes.watch(i, client.submit(p)) for i, p in enumerate(parts)]
+    await until(reactor, lambda: len(outcomes.results) == len(parts), timeout, "every submit resolved")
+    return outcomes, watched
+
+
+def assert_consistent_with(smsc: Smsc, outcomes: Outcomes, parts: list[SubmitPart]) -> None:
+    """What the client says was accepted, the SMSC accepted; and no part was accepted twice.
+
+    The SMSC may also have accepted parts whose answer never reached the client: those must
+    have failed with SubmitOutcomeUnknown (never NotSubmitted, never rejected).
+    """
+    assert smsc.acknowledged_twice() == []
+    accepted = {record.message_id: record for record in smsc.accepted()}
+    for index, message_id in outcomes.ids().items():
+        record = accepted.pop(message_id)
+        assert record.destination == parts[index].destination
+        assert record.short_message == parts[index].short_message
+    unknown = {parts[i].destination for i in outcomes.of_kind(SubmitOutcomeUnknown)}
+    assert {record.destination for record in accepted.values()} <= unknown
+
+
+def with_client(
+    smsc_options: dict[str, Any],
+    scenario: Callable[[Any, Smsc, SmppClient, Ticker], Awaitable[Any]],
+    *,
+    on_deliver: Callable[[DeliverSm], Any] = stored,
+    **config: Any,
+) -> Any:
+    with Smsc(**smsc_options) as smsc:
+
+        async def run(reactor: Any) -> Any:
+            client = SmppClient(
+                smpp_config(smsc.port, **config), reactor, lambda m: defer.ensureDeferred(on_deliver(m))
+            )
+            ticker = Ticker(reactor)
+            client.startService()
+            try:
+                return await scenario(reactor, smsc, client, ticker)
+            finally:
+                await client.stopService()
+                ticker.stop()
+                assert ticker.max_gap < 0.25, f"the reactor was blocked for {ticker.max_gap:.3f} s"
+
+        return run_on_reactor(run)
+
+
+# -- a well-behaved SMSC -----------------------------------------------------------------------
+
+
+def test_parts_are_submitted_within_the_window_and_each_gets_its_message_id() -> None:
+    parts = [part(i) for i in range(60)]
+    in_use: list[int] = []
+
+    async def scenario(reactor: Any, smsc: Smsc, client: SmppClient, ticker: Ticker) -> None:
+        watch = task.LoopingCall(lambda: in_use.append(client.state()["window_in_use"]))
+        watch.clock = reactor
+        watch.start(0.001)
+        outcomes, _ = await submit_all(reactor, client, parts)
+        watch.stop()
+        assert len(outcomes.ids()) == 60
+        assert_consistent_with(smsc, outcomes, parts)
+        state = client.state()
+        assert state["bound"] and state["submitted_total"] == 60 and state["queued"] == 0
+        assert state["bind_mode"] == "transceiver" and smsc.binds == 1
+
+    with_client({}, scenario, window=4, rate=300.0)
+    assert max(in_use) <= 4
+
+
+def test_a_long_chinese_message_goes_as_udh_parts() -> None:
+    text = (
+        "【12345热线】您办理的“不动产登记”事项已办结，请您评价：回复1非常满意，2满意，3基本满意，"
+        "4不满意，5非常不满意。请于2月24日18:30前回复，逾期默认“基本满意”。回复TD退订😀"
+    )
+    pieces = encode_ucs2_parts(text, 42)
+    parts = [SubmitPart("13800000001", "106900123459", p.short_message, p.esm_class) for p in pieces]
+
+    async def scenario(reactor: Any, smsc: Smsc, client: SmppClient, ticker: Ticker) -> None:
+        outcomes, _ = await submit_all(reactor, client, parts)
+        assert len(outcomes.ids()) == len(parts) == 2
+        records = smsc.accepted()
+        assert [r.concatenation.sequence for r in records if r.concatenation] == [1, 2]
+        assert all(r.esm_class == 0x40 and r.data_coding == 8 and r.registered_delivery == 1 for r in records)
+        assert "".join(r.text for r in records) == text
+
+    with_client({}, scenario)
+
+
+def test_the_configured_rate_is_held() -> None:
+    parts = [part(i) for i in range(130)]
+    arrived: list[float] = []
+
+    def on_record(kind: str, _value: object) -> None:
+        if kind == "submit":
+            arrived.append(time.monotonic())
+
+    async def scenario(reactor: Any, smsc: Smsc, client: SmppClient, ticker: Ticker) -> None:
+        await client.when_bound()
+        outcomes, _ = await submit_all(reactor, client, parts)
+        assert len(outcomes.ids()) == 130
+
+    with_client({"on_record": on_record}, scenario, rate=100.0, window=50)
+    # after the small burst allowance (1 + 50 ms worth), submits arrive at 100/s
+    steady = arrived[10:]
+    rate = (len(steady) - 1) / (steady[-1] - steady[0])
+    assert abs(rate - 100.0) <= 5.0
+    assert arrived[-1] - arrived[0] >= 1.2
+
+
+def test_transmitter_receiver_pair_sends_on_one_and_receives_on_the_other() -> None:
+    received: list[DeliverSm] = []
+
+    async def on_deliver(message: DeliverSm) -> None:
+        received.append(message)
+
+    async def scenario(reactor: Any, smsc: Smsc, client: SmppClient, ticker: Ticker) -> None:
+        await client.when_bound()
+        outcomes, _ = await submit_all(reactor, client, [part(1)])
+        (message_id,) = outcomes.ids().values()
+        await until(reactor, lambda: any(m.is_receipt for m in received), 5, "the receipt")
+        receipt = next(m for m in received if m.is_receipt)
+        assert receipt.receipted_message_id == message_id and receipt.message_state == 2
+        smsc.send_mo("13800000001", "106900123450001", "4 窗口态度不好")
+        await until(reactor, lambda: any(not m.is_receipt for m in received), 5, "the reply")
+        reply = next(m for m in received if not m.is_receipt)
+        assert reply.short_message.decode("utf-16-be") == "4 窗口态度不好"
+        assert reply.source_addr == "13800000001" and reply.data_coding == 8
+        assert smsc.binds == 2
+        modes = {r.connection for r in smsc.accepted()} | {d.connection for d in smsc.deliveries()}
+        assert len(modes) == 2  # submits on the transmitter, deliveries on the receiver
+        await until(reactor, lambda: all(d.status == 0 for d in smsc.deliveries()), 5, "both acknowledged")
+
+    with_client({}, scenario, on_deliver=on_deliver, bind_mode="transmitter_receiver")
+
+
+# -- incoming messages (SPEC R3.7a) --------------------------------------------------------------
+
+
+def test_a_deliver_sm_is_acknowledged_only_after_it_is_stored_and_refused_if_storing_fails() -> None:
+    storing: list[defer.Deferred[None]] = []
+
+    async def on_deliver(message: DeliverSm) -> None:
+        waiting: defer.Deferred[None] = defer.Deferred()
+        storing.append(waiting)
+        await waiting
+
+    async def scenario(reactor: Any, smsc: Smsc, client: SmppClient, ticker: Ticker) -> None:
+        await client.when_bound()
+        smsc.send_mo("13800000002", "1069001234500", "5")
+        smsc.send_mo("13800000003", "1069001234500", "1")
+        await until(reactor, lambda: len(storing) == 2, 5, "both handed to the gateway")
+        await sleep(reactor, 0.1)
+        assert [d.status for d in smsc.deliveries()] == [None, None]  # not before it is stored
+        storing[1].callback(None)
+        await until(reactor, lambda: smsc.deliveries()[1].status == 0, 5, "ESME_ROK once stored")
+        assert smsc.deliveries()[0].status is None
+        storing[0].errback(RuntimeError("the store is down"))
+        await until(reactor, lambda: smsc.deliveries()[0].status == 0x64, 5, "ESME_RX_T_APPN")
+
+    with_client({}, scenario, on_deliver=on_deliver)
+
+
+def test_the_smscs_enquire_link_is_answered_and_an_unknown_command_gets_generic_nack() -> None:
+    async def scenario(reactor: Any, smsc: Smsc, client: SmppClient, ticker: Ticker) -> None:
+        await client.when_bound()
+        smsc.send_raw(encode_pdu("enquire_link", 777))
+        smsc.send_raw(struct.pack(">LLLL", 16, 0x00000099, 0, 778))
+        await until(
+            reactor,
+            lambda: {p.get("command") for p in smsc.pdus()} >= {"enquire_link_resp", "generic_nack"},
+            5,
+            "both answered",
+        )
+        answers = {p["command"]: p for p in smsc.pdus() if p.get("command") in ("enquire_link_resp", "generic_nack")}
+        assert answers["enquire_link_resp"]["sequence"] == 777
+        assert answers["generic_nack"]["sequence"] == 778 and answers["generic_nack"]["status"] == 0x03
+        outcomes, _ = await submit_all(reactor, client, [part(1)])  # the link goes on
+        assert len(outcomes.ids()) == 1 and client.state()["reconnects"] == 0
+
+    with_client({}, scenario)
+
+
+def test_the_client_keeps_the_link_alive_with_enquire_link() -> None:
+    async def scenario(reactor: Any, smsc: Smsc, client: SmppClient, ticker: Ticker) -> None:
+        await client.when_bound()
+        await until(
+            reactor,
+            lambda: sum(p.get("command") == "enquire_link" for p in smsc.pdus()) >= 2,
+            3,
+            "two enquire_links",
+        )
+        assert client.state()["bound"] and client.state()["reconnects"] == 0
+
+    with_client({}, scenario, enquire_link_interval=0.2)
+
+
+# -- faults ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fault", ["throttled", "queue_full"])
+def test_throttled_parts_are_sent_again_later_and_the_pace_drops(fault: str) -> None:
+    parts = [part(i) for i in range(20)]
+
+    async def scenario(reactor: Any, smsc: Smsc, client: SmppClient, ticker: Ticker) -> None:
+        outcomes, _ = await submit_all(reactor, client, parts)
+        assert len(outcomes.ids()) == 20  # nothing dropped, nothing failed
+        assert_consistent_with(smsc, outcomes, parts)
+        state = client.state()
+        assert state["throttled_total"] == 3 and state["errors_total"] == 0
+        submits = smsc.submits()
+        for number in (3, 4, 5):
+            refused = submits[number - 1]
+            assert refused.status in (0x58, 0x14)
+            again = [r for r in submits if r.accepted and r.destination == refused.destination]
+            assert len(again) == 1 and again[0].number > refused.number  # sent again once, later
+        assert state["pace"] < state["rate"]  # slowed down, recovering
+        await sleep(reactor, 0.7)
+        assert client.state()["pace"] == client.state()["rate"]  # recovered
+
+    with_client({"fault": Fault(**{fault: nth(3, 4, 5)})}, scenario)
+
+
+def test_disconnect_after_n_pdus_leaves_the_in_flight_parts_unknown_once_and_the_rest_go_through() -> None:
+    parts = [part(i) for i in range(30)]
+
+    async def scenario(reactor: Any, smsc: Smsc, client: SmppClient, ticker: Ticker) -> None:
+        outcomes, _ = await submit_all(reactor, client, parts)
+        unknown = outcomes.of_kind(SubmitOutcomeUnknown)
+        assert 1 <= len(unknown) <= 10  # what was in the window when the SMSC closed
+        assert len(outcomes.ids()) + len(unknown) == 30
+        assert_consistent_with(smsc, outcomes, parts)
+        assert smsc.binds == 2 and client.state()["reconnects"] == 1
+
+    with_client({"fault": Fault(disconnect_after_pdus=6)}, scenario)
+
+
+def test_a_submit_never_answered_is_unknown_after_the_response_timeout() -> None:
+    parts = [part(i) for i in range(5)]
+
+    async def scenario(reactor: Any, smsc: Smsc, client: SmppClient, ticker: Ticker) -> None:
+        started = time.monotonic()
+        outcomes, _ = await submit_all(reactor, client, parts)
+        assert outcomes.of_kind(SubmitOutcomeUnknown) == [1]
+        assert time.monotonic() - started >= 0.5
+        assert len(outcomes.ids()) == 4
+        assert_consistent_with(smsc, outcomes, parts)
+        assert client.state()["errors_total"] == 1 and client.state()["bound"]
+
+    with_client({"fault": Fault(unanswered=nth(2))}, scenario, response_timeout=0.5)
+
+
+def test_slow_answers_fill_the_window_but_every_part_is_accepted() -> None:
+    parts = [part(i) for i in range(20)]
+
+    async def scenario(reactor: Any, smsc: Smsc, client: SmppClient, ticker: Ticker) -> None:
+        seen: list[int] = []
+        watch = task.LoopingCall(lambda: seen.append(client.state()["window_in_use"]))
+        watch.clock = reactor
+        watch.start(0.01)
+        outcomes, _ = await submit_all(reactor, client, parts)
+        watch.stop()
+        assert len(outcomes.ids()) == 20
+        assert_consistent_with(smsc, outcomes, parts)
+        assert max(seen) == 5
+
+    with_client({"fault": Fault(response_delay=0.2)}, scenario, window=5)
+
+
+def test_a_wrong_password_is_said_clearly_backed_off_and_nothing_is_sent(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.ERROR, logger="gateway.sms.smpp")
+
+    async def scenario(reactor: Any, smsc: Smsc, client: SmppClient, ticker: Ticker) -> None:
+        pending = Outcomes()
+        watched = pending.watch(0, client.submit(part(1)))
+        await until(reactor, lambda: client.state()["reconnects"] >= 2, 5, "two failed binds")
+        state = client.state()
+        assert not state["bound"] and "ESME_RINVPASWD" in state["last_error"]
+        assert "password" in state["last_error"] and state["queued"] == 1
+        assert smsc.submits() == []
+        await client.stopService()
+        await watched
+        assert isinstance(pending.results[0], NotSubmitted)
+
+    with_client({"password": "other"}, scenario)
+    assert any("ESME_RINVPASWD" in r.getMessage() and "password" in r.getMessage() for r in caplog.records)
+    assert all("secret" not in r.getMessage() for r in caplog.records)
+
+
+def test_garbage_from_the_smsc_reconnects_and_in_flight_parts_are_unknown_exactly_once() -> None:
+    parts = [part(i) for i in range(30)]
+
+    async def scenario(reactor: Any, smsc: Smsc, client: SmppClient, ticker: Ticker) -> None:
+        outcomes, _ = await submit_all(reactor, client, parts)
+        unknown = outcomes.of_kind(SubmitOutcomeUnknown)
+        assert len(outcomes.ids()) + len(unknown) == 30
+        assert_consistent_with(smsc, outcomes, parts)
+        # the peer sends garbage on every connection: each time a clean reconnect
+        assert client.state()["reconnects"] >= 1 and smsc.binds >= 2
+
+    with_client({"fault": Fault(garbage_after_pdus=4)}, scenario, rate=200.0)
+
+
+def test_an_unbind_from_the_smsc_is_answered_and_the_client_binds_again() -> None:
+    async def scenario(reactor: Any, smsc: Smsc, client: SmppClient, ticker: Ticker) -> None:
+        first, _ = await submit_all(reactor, client, [part(i) for i in range(5)])
+        assert len(first.ids()) == 5
+        smsc.unbind()
+        await until(reactor, lambda: any(p.get("command") == "unbind_resp" for p in smsc.pdus()), 5, "unbind_resp")
+        await until(reactor, lambda: smsc.binds == 2 and client.state()["bound"], 5, "bound again")
+        more, _ = await submit_all(reactor, client, [part(99)])
+        assert len(more.ids()) == 1
+        assert smsc.acknowledged_twice() == []
+
+    with_client({}, scenario)
+
+
+class RejectingFault(Fault):
+    """Refuses the second submit with ESME_RINVDSTADR and the third with ESME_RSYSERR."""
+
+    def submit_status(self, number: int, elapsed: float) -> int | None:
+        return {2: 0x0B, 3: 0x08}.get(number, 0)
+
+
+def test_a_rejected_part_fails_with_the_status_and_whether_it_is_permanent() -> None:
+    parts = [part(i) for i in range(4)]
+
+    async def scenario(reactor: Any, smsc: Smsc, client: SmppClient, ticker: Ticker) -> None:
+        outcomes, _ = await submit_all(reactor, client, parts)
+        assert outcomes.of_kind(SubmitRejected) == [1, 2]
+        invalid, busy = outcomes.results[1], outcomes.results[2]
+        assert (invalid.status, invalid.name, invalid.permanent) == (0x0B, "ESME_RINVDSTADR", True)
+        assert (busy.status, busy.name, busy.permanent) == (0x08, "ESME_RSYSERR", False)
+        assert len(outcomes.ids()) == 2 and client.state()["errors_total"] == 2
+        assert len(smsc.submits()) == 4  # a rejected part is not sent again by the client
+
+    with_client({"fault": RejectingFault()}, scenario)
+
+
+# -- stopping -------------------------------------------------------------------------------------
+
+
+def test_stopping_fails_queued_parts_as_not_submitted_waits_for_those_in_flight_and_unbinds() -> None:
+    parts = [part(i) for i in range(40)]
+
+    async def scenario(reactor: Any, smsc: Smsc, client: SmppClient, ticker: Ticker) -> None:
+        await client.when_bound()
+        outcomes = Outcomes()
+        watched = [outcomes.watch(i, client.submit(p)) for i, p in enumerate(parts)]
+        await until(reactor, lambda: len(smsc.submits()) >= 3, 5, "some submits written")
+        await client.stopService()
+        await defer.DeferredList(watched)
+        assert len(outcomes.results) == 40
+        not_sent = outcomes.of_kind(NotSubmitted)
+        assert not_sent and len(outcomes.ids()) + len(not_sent) == 40  # slow answers still came in time
+        assert len(smsc.submits()) == len(outcomes.ids())
+        assert any(p.get("command") == "unbind" for p in smsc.pdus())
+        late = Outcomes()
+        await late.watch(0, client.submit(part(100)))
+        assert isinstance(late.results[0], NotSubmitted)
+        assert client.state()["phase"] == "stopped"
+
+    with_client({"fault": Fault(response_delay=0.1)}, scenario, rate=50.0, window=3)
+
+
+def test_in_flight_parts_that_stay_unanswered_at_stop_are_unknown_after_the_response_timeout() -> None:
+    async def scenario(reactor: Any, smsc: Smsc, client: SmppClient, ticker: Ticker) -> None:
+        await client.when_bound()
+        outcomes = Outcomes()
+        watched = [outcomes.watch(i, client.submit(part(i))) for i in range(3)]
+        await until(reactor, lambda: len(smsc.submits()) == 3, 5, "all written")
+        started = time.monotonic()
+        await client.stopService()
+        await defer.DeferredList(watched)
+        assert 0.3 <= time.monotonic() - started < 2.0
+        assert outcomes.of_kind(SubmitOutcomeUnknown) == [0, 1, 2]
+
+    with_client({"fault": Fault(unanswered=lambda n, e: True)}, scenario, response_timeout=0.4)
+
+
+def test_a_client_that_never_started_fails_its_submits_as_not_submitted() -> None:
+    async def scenario(reactor: Any) -> None:
+        client = SmppClient(smpp_config(1), reactor, lambda m: defer.ensureDeferred(stored(m)))
+        outcomes = Outcomes()
+        watched = outcomes.watch(0, client.submit(part(1)))
+        await client.stopService()
+        await watched
+        assert isinstance(outcomes.results[0], NotSubmitted)
+
+    run_on_reactor(scenario)
