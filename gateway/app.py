@@ -47,6 +47,7 @@ class Gateway:
     calendar: WorkingDayCalendar
     root: service.MultiService
     api: GatewayApi | None = None
+    sms: Any = None  # gateway.sms.service.SmsService when [smpp] enabled
 
 
 def build_gateway(config: Config, reactor: Any, *, store: Store | None = None) -> Gateway:
@@ -67,6 +68,12 @@ def build_gateway(config: Config, reactor: Any, *, store: Store | None = None) -
         from gateway.platform.pusher import build_pusher
 
         build_pusher(config, reactor, deferred_store).setServiceParent(root)
+
+    if config.smpp.enabled:
+        from gateway.sms.service import build_sms_service
+
+        gateway.sms = build_sms_service(config, reactor, store, deferred_store, calendar)
+        gateway.sms.setServiceParent(root)
 
     if config.http.enabled:
         gateway.api = GatewayApi(
@@ -92,15 +99,19 @@ def health_report(gateway: Gateway) -> defer.Deferred[dict[str, Any]]:
         return {"status": "down", "error": failure.type.__name__}
 
     probe = gateway.deferred_store.call("ping").addCallbacks(store_ok, store_down)
+    smsc = gateway.sms.health() if gateway.sms is not None else defer.succeed(None)
 
-    def assemble(store_state: dict[str, Any]) -> dict[str, Any]:
+    def assemble(results: list[Any]) -> dict[str, Any]:
+        store_state, smsc_state = results
         components: dict[str, Any] = {"store": store_state}
         if gateway.config.agi.enabled:
             components["agi"] = {"status": "ok", "port": gateway.config.agi.port}
+        if smsc_state is not None:
+            components["smsc"] = smsc_state
         status = "ok" if all(c["status"] == "ok" for c in components.values()) else "degraded"
         return {"status": status, "components": components}
 
-    return probe.addCallback(assemble)
+    return defer.gatherResults([probe, smsc]).addCallback(assemble)
 
 
 def run(config: Config, reactor: IReactorCore | IReactorTCP | IReactorTime | Any) -> int:

@@ -20,7 +20,7 @@ import sys
 import time
 import urllib.request
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -28,15 +28,14 @@ from typing import Any
 import pytest
 from sqlalchemy import insert, select, update
 from twisted.internet import defer, error
-from twisted.internet.selectreactor import SelectReactor
 from twisted.internet.task import Clock
-from twisted.python.failure import Failure
 
 from gateway.intake import ServiceRecordInput
 from gateway.platform.policy import Backoff
 from gateway.platform.pusher import HttpAnswer, PlatformClient, Pusher, platform_record
 from gateway.rating import Channel, Level, ServiceKind
 from gateway.testing.platform import Fault, PlatformServer, listen, seed_call_ratings
+from gateway.testing.reactor import run_on_reactor, sleep
 from storage import migrate
 from storage.deferred import DeferredStore
 from storage.outbox import Outbox
@@ -290,42 +289,6 @@ def test_a_row_that_cannot_be_mapped_is_set_aside_and_the_rest_go_on(sqlite_stor
 
 
 # -- on a real reactor, against the strict test platform on loopback ----------------------------
-
-
-def run_on_reactor(scenario: Callable[[Any], Awaitable[Any]], timeout: float = 20.0) -> Any:
-    """Run ``scenario(reactor)`` on a fresh reactor of its own (pytest has none running)."""
-    reactor = SelectReactor()
-    outcome: list[Any] = []
-
-    def finish(result: Any) -> None:
-        outcome.append(result)
-        if reactor.running:
-            reactor.stop()
-
-    def start() -> None:
-        defer.ensureDeferred(scenario(reactor)).addBoth(finish)
-
-    reactor.callWhenRunning(start)
-    guard = reactor.callLater(timeout, finish, Failure(TimeoutError(f"scenario still running after {timeout} s")))
-    reactor.run(installSignalHandlers=False)
-    if guard.active():
-        guard.cancel()
-    for call in reactor.getDelayedCalls():
-        call.cancel()
-    reactor.disconnectAll()
-    for reader in list(getattr(reactor, "_internalReaders", ())):
-        reactor.removeReader(reader)
-        reader.connectionLost(None)
-    result = outcome[0]
-    if isinstance(result, Failure):
-        result.raiseException()
-    return result
-
-
-async def sleep(reactor: Any, seconds: float) -> None:
-    waiting: defer.Deferred[None] = defer.Deferred()
-    reactor.callLater(seconds, waiting.callback, None)
-    await waiting
 
 
 async def until(reactor: Any, condition: Callable[[], bool], timeout: float, what: str) -> float:

@@ -1,0 +1,391 @@
+"""The SMS channel in ``gateway run``: the scheduler, the durable sender and the incoming side.
+
+Thin Twisted glue between :class:`storage.sms.SmsStore` (every decision that must survive a
+restart, run in the store's threads) and the SMPP client (:mod:`gateway.sms.smpp`, its own I/O
+thread). Nothing here blocks the reactor and nothing here is the only copy of a fact:
+
+- the scheduler asks the store every ``interval`` seconds to invite newly completed records
+  and to do the steps that are due (SPEC R3.1-R3.4);
+- the sender leases queued messages, submits the parts not yet acknowledged, and hands each
+  ``submit_sm_resp`` to the store in group commits; a message whose outcome is unknown (the link
+  dropped) is released and its unacknowledged parts go again (SPEC R3.7);
+- each incoming ``deliver_sm`` is stored (and, for a whole reply, acted on) before the client
+  acknowledges it (SPEC R3.7a).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+from twisted.application import service
+from twisted.internet import defer, task
+from twisted.python.failure import Failure
+
+from gateway.config import Config
+from gateway.sms.receipts import UnreadableReceipt, parse_receipt
+from gateway.sms.settings import SmsSettings
+from gateway.sms.smpp import DeliverSm, NotSubmitted, SubmitOutcomeUnknown, SubmitPart, SubmitRejected
+from gateway.sms.text import IncomingPart, encode_ucs2_parts
+from gateway.workdays import WorkingDayCalendar
+from storage.deferred import DeferredStore
+from storage.sms import Ack, OutgoingMessage, ReplyOutcome, SmsStore
+from storage.store import Store
+
+log = logging.getLogger("gateway.sms")
+
+#: How far back each scan for newly completed records reaches beyond the last one it saw, for
+#: transactions that committed late.
+SCAN_MARGIN = timedelta(minutes=10)
+
+
+class SubmitClient(Protocol):
+    """What the sender needs of :class:`gateway.sms.smpp.SmppClient`."""
+
+    def submit(self, part: SubmitPart) -> defer.Deferred[str]: ...
+
+    def state(self) -> dict[str, Any]: ...
+
+
+@dataclass
+class _InFlight:
+    message: OutgoingMessage
+    total: int
+    outstanding: set[int]
+    error: str | None = None
+    unknown: bool = False
+    acks: list[Ack] = field(default_factory=list)
+
+
+class SmsService(service.Service):
+    name = "sms"
+
+    def __init__(
+        self,
+        sms_store: SmsStore,
+        deferred_store: DeferredStore,
+        client: SubmitClient,
+        reactor: Any,
+        *,
+        owner: str | None = None,
+        interval: float = 1.0,
+        lease: float = 120.0,
+        max_in_flight: int = 1000,
+        claim_batch: int = 500,
+        now: Callable[[], datetime] | None = None,
+    ) -> None:
+        self.sms_store = sms_store
+        self.store = deferred_store
+        self.client = client
+        self.reactor = reactor
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:sms"
+        self.interval = interval
+        self.lease = lease
+        self.max_in_flight = max_in_flight
+        self.claim_batch = claim_batch
+        self._now = now or (lambda: datetime.fromtimestamp(reactor.seconds(), UTC))
+        self._watermark = datetime(1970, 1, 1, tzinfo=UTC)
+        self._in_flight: dict[int, _InFlight] = {}
+        self._parts_in_flight = 0
+        self._claiming = False
+        self._pump_again = False
+        self._acks: list[Ack] = []
+        self._flushing: defer.Deferred[Any] | None = None
+        self._scheduler: task.LoopingCall | None = None
+        self._housekeeping: task.LoopingCall | None = None
+        self._idle_poll: Any = None
+        self.counters = {"submitted": 0, "acknowledged": 0, "rejected": 0, "unknown": 0, "replies": 0, "receipts": 0}
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        if service.IService.providedBy(self.client):
+            self.client.startService()
+        self._scheduler = task.LoopingCall(self.run_schedule)
+        self._scheduler.clock = self.reactor
+        self._scheduler.start(self.interval, now=True).addErrback(self._loop_died, "scheduler")
+        self._housekeeping = task.LoopingCall(self._tidy)
+        self._housekeeping.clock = self.reactor
+        self._housekeeping.start(60.0, now=False).addErrback(self._loop_died, "housekeeping")
+        self.pump()
+
+    @defer.inlineCallbacks
+    def stopService(self) -> Any:
+        super().stopService()
+        for loop in (self._scheduler, self._housekeeping):
+            if loop is not None and loop.running:
+                loop.stop()
+        if self._idle_poll is not None and self._idle_poll.active():
+            self._idle_poll.cancel()
+        # The client's own stop resolves every submit; then the last acknowledgements are kept.
+        if service.IService.providedBy(self.client):
+            yield defer.maybeDeferred(self.client.stopService)
+        yield self._flush_acks_now()
+
+    def _loop_died(self, failure: Failure, name: str) -> None:
+        log.error("event=sms.loop_failed loop=%s error=%s", name, failure.getErrorMessage())
+
+    # -- the schedule (SPEC R3.1-R3.4) ------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def run_schedule(self) -> Any:
+        """One scheduler round; errors are logged and the next round tries again."""
+        try:
+            now = self._now()
+            seen = yield self.store.run(self.sms_store.create_invitations, self._watermark - SCAN_MARGIN, now=now)
+            self._watermark = max(self._watermark, seen)
+            queued = 0
+            while True:
+                counts = yield self.store.run(self.sms_store.run_due_steps, now=now)
+                queued += counts.invitations + counts.reminders
+                if sum((counts.invitations, counts.reminders, counts.defaults, counts.deferred, counts.done)) < 500:
+                    break
+            if queued:
+                log.info("event=sms.scheduled messages=%s", queued)
+                self.pump()
+        except Exception as exc:  # the store is down: the next round tries again
+            log.warning("event=sms.schedule_failed error=%s", type(exc).__name__)
+
+    def _tidy(self) -> defer.Deferred[Any]:
+        now = self._now()
+        d = self.store.run(self.sms_store.expire_incomplete_replies, now=now)
+        d.addCallback(lambda _: self.store.run(self.sms_store.purge, now=now))
+        d.addErrback(lambda f: log.warning("event=sms.tidy_failed error=%s", f.type.__name__))
+        return d
+
+    # -- sending (SPEC R3.1, R3.7) --------------------------------------------------------------
+
+    def pump(self) -> None:
+        """Claim and submit what is queued, as far as the in-flight limit allows."""
+        if not self.running:
+            return
+        if self._claiming:
+            self._pump_again = True
+            return
+        room = min(self.claim_batch, self.max_in_flight - self._parts_in_flight)
+        if room <= 0:
+            return
+        self._claiming = True
+        self._pump_again = False
+        d = self.store.run(self.sms_store.claim_messages, self.owner, room, lease=self.lease, now=self._now())
+        d.addCallbacks(self._submit_all, self._claim_failed, callbackArgs=(room,))
+
+    def _claim_failed(self, failure: Failure) -> None:
+        self._claiming = False
+        log.warning("event=sms.claim_failed error=%s", failure.type.__name__)
+        self._poll_later(5.0)
+
+    def _submit_all(self, claimed: list[OutgoingMessage], room: int) -> None:
+        self._claiming = False
+        for message in claimed:
+            self._submit(message)
+        if len(claimed) == room or self._pump_again:
+            self.reactor.callLater(0, self.pump)
+        else:
+            self._poll_later(self.interval)
+
+    def _poll_later(self, delay: float) -> None:
+        if self._idle_poll is None or not self._idle_poll.active():
+            self._idle_poll = self.reactor.callLater(delay, self.pump)
+
+    def _submit(self, message: OutgoingMessage) -> None:
+        parts = encode_ucs2_parts(message.body, message.concat_ref)
+        todo = [part for part in parts if _seq(part) not in message.acknowledged]
+        if not todo:  # every part was acknowledged before a restart: only the status is missing
+            self._acks.append(Ack(message.id, message.attempt, len(parts), len(parts), "", True))
+            self._schedule_flush()
+            return
+        flight = _InFlight(message, len(parts), {_seq(part) for part in todo})
+        self._in_flight[message.id] = flight
+        for part in todo:
+            self._parts_in_flight += 1
+            self.counters["submitted"] += 1
+            seq = _seq(part)
+            d = self.client.submit(
+                SubmitPart(
+                    destination=message.destination,
+                    source=message.source,
+                    short_message=part.short_message,
+                    esm_class=part.esm_class,
+                )
+            )
+            d.addCallbacks(self._acknowledged, self._refused, callbackArgs=(flight, seq), errbackArgs=(flight, seq))
+
+    def _acknowledged(self, smsc_id: str, flight: _InFlight, seq: int) -> None:
+        self.counters["acknowledged"] += 1
+        flight.acks.append(Ack(flight.message.id, flight.message.attempt, seq, flight.total, str(smsc_id), False))
+        self._part_done(flight, seq)
+
+    def _refused(self, failure: Failure, flight: _InFlight, seq: int) -> None:
+        if failure.check(SubmitRejected):
+            self.counters["rejected"] += 1
+            flight.error = getattr(failure.value, "name", None) or failure.getErrorMessage()
+        elif failure.check(SubmitOutcomeUnknown, NotSubmitted):
+            self.counters["unknown"] += 1
+            flight.unknown = True
+        else:
+            log.error("event=sms.submit_bug error=%s", failure.getErrorMessage())
+            flight.unknown = True
+        self._part_done(flight, seq)
+
+    def _part_done(self, flight: _InFlight, seq: int) -> None:
+        flight.outstanding.discard(seq)
+        self._parts_in_flight -= 1
+        if not flight.outstanding:
+            self._in_flight.pop(flight.message.id, None)
+            complete = flight.error is None and not flight.unknown
+            if flight.acks and complete:
+                last = flight.acks[-1]
+                flight.acks[-1] = Ack(last.message_id, last.attempt, last.seq, last.total, last.smsc_id, True)
+            self._acks.extend(flight.acks)
+            flight.acks = []
+            if flight.error is not None:
+                error = flight.error
+                now = self._now()
+                self._after_flush(lambda: self.sms_store.fail_attempts({flight.message.id: error}, now=now))
+            elif flight.unknown:
+                self._after_flush(lambda: self.sms_store.release_messages([flight.message.id]))
+            self.pump()
+        elif flight.acks:
+            # Keep each mapping as soon as it comes: a receipt may follow at once (SPEC R3.7).
+            self._acks.extend(flight.acks)
+            flight.acks = []
+        self._schedule_flush()
+
+    def _after_flush(self, work: Callable[[], Any]) -> None:
+        """Run ``work`` in the store after the acknowledgements before it are kept."""
+        d = self._flush_acks_now()
+        d.addCallback(lambda _: self.store.run(work))
+        d.addErrback(lambda f: log.warning("event=sms.settle_failed error=%s", f.type.__name__))
+
+    def _schedule_flush(self) -> None:
+        if self._acks and self._flushing is None:
+            self._flushing = defer.Deferred()
+            self.reactor.callLater(0, self._flush)
+
+    def _flush(self) -> None:
+        batch, self._acks = self._acks, []
+        waiting, self._flushing = self._flushing, None
+        d = self.store.run(self.sms_store.record_acks, batch, now=self._now()) if batch else defer.succeed(0)
+
+        def failed(failure: Failure) -> None:
+            # Kept for the next flush: an acknowledged part is never forgotten while we run.
+            log.warning("event=sms.ack_store_failed parts=%s error=%s", len(batch), failure.type.__name__)
+            self._acks[:0] = batch
+            self.reactor.callLater(1.0, self._schedule_flush)
+
+        d.addErrback(failed)
+        if waiting is not None:
+            d.addBoth(lambda _: waiting.callback(None))
+        self._schedule_flush()
+
+    def _flush_acks_now(self) -> defer.Deferred[Any]:
+        if self._flushing is None and not self._acks:
+            return defer.succeed(None)
+        if self._flushing is None:
+            self._schedule_flush()
+        assert self._flushing is not None
+        done: defer.Deferred[Any] = defer.Deferred()
+        self._flushing.addBoth(lambda _: done.callback(None))
+        return done
+
+    # -- incoming (SPEC R3.5-R3.8, R3.7a) ----------------------------------------------------------
+
+    def on_deliver(self, pdu: DeliverSm) -> defer.Deferred[Any]:
+        """Store (and act on) one ``deliver_sm``; the client acknowledges when this fires."""
+        if pdu.is_receipt:
+            self.counters["receipts"] += 1
+            try:
+                receipt = parse_receipt(
+                    pdu.short_message,
+                    receipted_message_id=pdu.receipted_message_id,
+                    message_state=pdu.message_state,
+                )
+            except UnreadableReceipt as exc:
+                log.warning("event=sms.receipt_unreadable why=%s", exc)
+                return defer.succeed(None)  # acknowledged: sending it again would not make it readable
+            return self.store.run(
+                self.sms_store.store_receipt, receipt.message_id, receipt.state, receipt.error, now=self._now()
+            )
+        self.counters["replies"] += 1
+        part = IncomingPart.from_pdu(
+            pdu.source_addr,
+            pdu.short_message,
+            esm_class=pdu.esm_class,
+            data_coding=pdu.data_coding,
+            sar_msg_ref_num=pdu.sar_msg_ref_num,
+            sar_total_segments=pdu.sar_total_segments,
+            sar_segment_seqnum=pdu.sar_segment_seqnum,
+        )
+        concat = part.concatenation
+        d = self.store.run(
+            self.sms_store.store_reply,
+            pdu.source_addr,
+            pdu.destination_addr,
+            part.payload,
+            part.data_coding,
+            concatenation=(concat.reference, concat.total, concat.sequence) if concat else None,
+            now=self._now(),
+        )
+
+        def answered(outcome: ReplyOutcome) -> ReplyOutcome:
+            if outcome.answered:
+                self.pump()
+            return outcome
+
+        return d.addCallback(answered)
+
+    # -- operations -------------------------------------------------------------------------------
+
+    def health(self) -> defer.Deferred[dict[str, Any]]:
+        """The link's state and the sending queue's counts; failed messages are reported here (R3.7)."""
+
+        def with_counts(counts: dict[str, int]) -> dict[str, Any]:
+            return {**self.state(), "messages": counts}
+
+        def without(failure: Failure) -> dict[str, Any]:
+            return {**self.state(), "messages": None, "store_error": failure.type.__name__}
+
+        return self.store.run(self.sms_store.queue_counts).addCallbacks(with_counts, without)
+
+    def state(self) -> dict[str, Any]:
+        link = self.client.state()
+        return {
+            "status": "ok" if link.get("bound") else "down",
+            "bound": bool(link.get("bound")),
+            "messages_in_flight": len(self._in_flight),
+            "parts_in_flight": self._parts_in_flight,
+            **{k: v for k, v in link.items() if k in ("window_in_use", "window", "rate", "last_error")},
+        }
+
+
+def _seq(part: Any) -> int:
+    concatenation = getattr(part, "concatenation", None)
+    return concatenation.sequence if concatenation is not None else 1
+
+
+def build_sms_service(
+    config: Config, reactor: Any, store: Store, deferred_store: DeferredStore, calendar: WorkingDayCalendar
+) -> SmsService:
+    """The SMS channel of ``gateway run``: the SMPP client, owned and stopped by the service."""
+    from gateway.sms.smpp import SmppClient
+
+    settings = SmsSettings.from_config(config)
+    lease = 120.0
+    # Never more in flight than the rate sends in a quarter of the lease, so a lease cannot
+    # expire (and another instance send the same message) while its parts wait for their turn.
+    in_flight = min(2000, max(config.smpp.window, int(config.smpp.rate * lease / 4)))
+    sms: list[SmsService] = []
+    client = SmppClient(config.smpp, reactor, lambda pdu: sms[0].on_deliver(pdu))
+    sms.append(
+        SmsService(
+            SmsStore(store, settings, calendar), deferred_store, client, reactor, lease=lease, max_in_flight=in_flight
+        )
+    )
+    return sms[0]

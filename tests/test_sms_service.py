@@ -1,0 +1,176 @@
+"""The SMS service's decisions, with ``task.Clock`` and a scripted SMPP client.
+
+The store is real (SQLite, run synchronously here so that each step can be looked at); the
+client is a stand-in that records each submitted part and lets the test answer it. The real
+client against real SMSCs is in tests/test_sms_end_to_end.py.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+from twisted.internet import defer
+from twisted.internet.task import Clock
+
+from gateway.intake import ServiceRecordInput
+from gateway.rating import ServiceKind
+from gateway.sms.schedule import ScheduleSettings
+from gateway.sms.service import SmsService
+from gateway.sms.settings import SmsSettings
+from gateway.sms.smpp import DeliverSm, SubmitOutcomeUnknown, SubmitPart, SubmitRejected
+from gateway.sms.text import split_udh
+from gateway.workdays import WorkingDayCalendar
+from storage.schema import message_parts, messages, ratings
+from storage.sms import SmsStore
+from storage.store import Store
+
+START = datetime(2026, 11, 24, 2, 0, tzinfo=UTC)  # 10:00 in Shanghai, a Tuesday
+
+
+class ScriptedClient:
+    """Records submits; the test answers them."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[SubmitPart, defer.Deferred[str]]] = []
+
+    def submit(self, part: SubmitPart) -> defer.Deferred[str]:
+        d: defer.Deferred[str] = defer.Deferred()
+        self.sent.append((part, d))
+        return d
+
+    def state(self) -> dict[str, Any]:
+        return {"bound": True, "window_in_use": 0, "window": 10, "rate": 50.0}
+
+    def answer_all(self, prefix: str = "id") -> None:
+        waiting, self.sent = self.sent, []
+        for n, (_, d) in enumerate(waiting):
+            d.callback(f"{prefix}{n}")
+
+
+class SyncStore:
+    """DeferredStore's interface, run at once: the test sees each step's effect immediately."""
+
+    def run(self, function: Any, *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
+        return defer.maybeDeferred(function, *args, **kwargs)
+
+
+@pytest.fixture
+def harness(sqlite_store: Store) -> tuple[SmsService, ScriptedClient, Clock, Store]:
+    clock = Clock()
+    clock.advance(START.timestamp())
+    settings = SmsSettings(schedule=ScheduleSettings(invite_delay=timedelta(0)))
+    sms_store = SmsStore(sqlite_store, settings, WorkingDayCalendar())
+    client = ScriptedClient()
+    service = SmsService(sms_store, SyncStore(), client, clock)  # type: ignore[arg-type]
+    return service, client, clock, sqlite_store
+
+
+def completed(store: Store, record_id: str, at: datetime = START, phone: str = "+8613800138000") -> None:
+    store.upsert_service_records(
+        [ServiceRecordInput(id=record_id, kind=ServiceKind.MATTER, completed_at=at, mobile=phone, matter_name="社保")]
+    )
+
+
+def table(store: Store, t: Any) -> list[Any]:
+    with store.engine.connect() as connection:
+        return connection.execute(select(t).order_by(t.c.id)).mappings().all()
+
+
+def test_an_invitation_is_submitted_in_parts_and_kept_as_acknowledged(harness: Any) -> None:
+    service, client, clock, store = harness
+    completed(store, "M-1")
+    service.startService()
+    clock.advance(0)
+    parts = [part for part, _ in client.sent]
+    assert len(parts) == 2  # the invitation is longer than 70 characters (SPEC R3.1)
+    udhs = [split_udh(part.short_message)[0] for part in parts]
+    assert [(u.total, u.sequence) for u in udhs] == [(2, 1), (2, 2)]  # type: ignore[union-attr]
+    assert len({u.reference for u in udhs}) == 1  # type: ignore[union-attr]
+    assert all(part.esm_class == 0x40 and part.data_coding == 8 for part in parts)
+    assert parts[0].destination == "13800138000" and parts[0].source.startswith("10690012345")
+    assert table(store, messages)[0]["status"] == "queued"  # not sent until the SMSC says so
+    client.answer_all()
+    clock.advance(0)
+    assert table(store, messages)[0]["status"] == "submitted"
+    assert [p["smsc_id"] for p in table(store, message_parts)] == ["id0", "id1"]
+    service.stopService()
+
+
+def test_a_dropped_link_resends_only_the_unacknowledged_part(harness: Any) -> None:
+    service, client, clock, store = harness
+    completed(store, "M-1")
+    service.startService()
+    clock.advance(0)
+    (_, d1), (second, d2) = client.sent
+    client.sent = []
+    d1.callback("ok-1")
+    d2.errback(SubmitOutcomeUnknown("link dropped"))
+    clock.advance(0)
+    clock.advance(service.interval)  # the next pump claims it again
+    assert [part.short_message for part, _ in client.sent] == [second.short_message]
+    client.answer_all("again")
+    clock.advance(0)
+    assert table(store, messages)[0]["status"] == "submitted"
+    assert sorted(p["seq"] for p in table(store, message_parts)) == [1, 2]
+    service.stopService()
+
+
+def test_a_refused_message_is_retried_later_not_at_once(harness: Any) -> None:
+    service, client, clock, store = harness
+    completed(store, "M-1")
+    service.startService()
+    clock.advance(0)
+    for _, d in client.sent:
+        d.errback(SubmitRejected(0x0B))  # ESME_RINVDSTADR
+    client.sent = []
+    clock.advance(0)
+    [message] = table(store, messages)
+    assert message["status"] == "queued" and message["attempts"] == 1
+    clock.advance(60)
+    assert client.sent == []  # retry_delay (10 min) not reached
+    service.stopService()
+
+
+def receipt(smsc_id: str, state: int) -> DeliverSm:
+    text = f"id:{smsc_id} sub:001 dlvrd:001 submit date:2611241000 done date:2611241000 stat:DELIVRD err:000"
+    return DeliverSm("13800138000", "10690012345", 0x04, 0, text.encode(), smsc_id, state)
+
+
+def test_receipts_and_a_reply_are_stored_before_they_are_acknowledged(harness: Any) -> None:
+    service, client, clock, store = harness
+    completed(store, "M-1")
+    service.startService()
+    clock.advance(0)
+    client.answer_all()
+    clock.advance(0)
+    for smsc_id in ("id0", "ID1"):
+        done = service.on_deliver(receipt(smsc_id, 2))
+        assert done.called
+    assert table(store, messages)[0]["status"] == "delivered"
+    reply = DeliverSm("8613800138000", "10690012345", 0, 8, "1 谢谢".encode("utf-16-be"))  # key 1 = 非常满意
+    done = service.on_deliver(reply)
+    assert done.called and done.result.status == "rated"
+    [rating] = table(store, ratings)
+    assert rating["level"] == 5 and rating["channel"] == "sms"
+    clock.advance(0)
+    [(answer, _)] = client.sent  # the thanks goes out at once (SPEC R3.7a)
+    assert "已收到" in answer.short_message.decode("utf-16-be")
+    service.stopService()
+
+
+def test_a_store_failure_fails_the_delivery_so_the_smsc_sends_it_again(
+    harness: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service = harness[0]
+
+    def database_down(*args: Any, **kwargs: Any) -> None:
+        raise ConnectionError("database is down")
+
+    monkeypatch.setattr(service.sms_store, "store_reply", database_down)
+    outcome = service.on_deliver(DeliverSm("8613800138000", "10690012345", 0, 8, "5".encode("utf-16-be")))
+    failures: list[Any] = []
+    outcome.addErrback(failures.append)
+    assert failures  # the client answers ESME_RX_T_APPN (SPEC R3.7a)
