@@ -498,30 +498,49 @@ class SmsStore:
         self, smsc_id: str, state: DeliveryState, error: str | None, *, now: datetime | None = None
     ) -> str:
         """Keep a receipt and apply it to its part; returns matched | unmatched | repeat."""
+        return self.store_receipts([(smsc_id, state, error)], now=now)[0]
+
+    def store_receipts(
+        self, receipts: Sequence[tuple[str, DeliveryState, str | None]], *, now: datetime | None = None
+    ) -> list[str]:
+        """Keep receipts in one transaction (a group commit) and apply each to its part (SPEC R3.7).
+
+        Returns matched | unmatched | repeat for each; a repeat is the same id and state again.
+        """
         now = now or utcnow()
-        normal = normalise_message_id(smsc_id)[:64]
-        key = f"receipt:{normal}:{state.value}"
         q = sms_inbox.c
+        outcomes: list[str] = []
         with self.store.engine.begin() as connection:
-            seen = connection.execute(
-                select(q.id).where(q.smsc_id == normal, q.kind == "receipt", q.dedupe_key == key).limit(1)
-            ).first()
-            if seen is not None:
-                return "repeat"
-            inbox_id = connection.execute(
-                insert(sms_inbox).values(
-                    kind="receipt",
-                    status="pending",
-                    dedupe_key=key,
-                    smsc_id=normal,
-                    receipt_state=state.value,
-                    error=error,
-                    body=smsc_id[:100],
-                    received_at=now,
+            batch_keys: set[str] = set()
+            for smsc_id, state, error in receipts:
+                normal = normalise_message_id(smsc_id)[:64]
+                key = f"receipt:{normal}:{state.value}"
+                seen = (
+                    key in batch_keys
+                    or connection.execute(
+                        select(q.id).where(q.smsc_id == normal, q.kind == "receipt", q.dedupe_key == key).limit(1)
+                    ).first()
+                    is not None
                 )
-            ).inserted_primary_key[0]
-            matched = self._apply_receipts(connection, [(inbox_id, smsc_id, state, error)], now)
-        return "matched" if matched else "unmatched"
+                if seen:
+                    outcomes.append("repeat")
+                    continue
+                batch_keys.add(key)
+                inbox_id = connection.execute(
+                    insert(sms_inbox).values(
+                        kind="receipt",
+                        status="pending",
+                        dedupe_key=key,
+                        smsc_id=normal,
+                        receipt_state=state.value,
+                        error=error,
+                        body=smsc_id[:100],
+                        received_at=now,
+                    )
+                ).inserted_primary_key[0]
+                matched = self._apply_receipts(connection, [(inbox_id, smsc_id, state, error)], now)
+                outcomes.append("matched" if matched else "unmatched")
+        return outcomes
 
     def _match_waiting_receipts(self, connection: Connection, smsc_ids: list[str], now: datetime) -> None:
         q = sms_inbox.c

@@ -146,9 +146,10 @@ def test_receipts_and_a_reply_are_stored_before_they_are_acknowledged(harness: A
     clock.advance(0)
     client.answer_all()
     clock.advance(0)
-    for smsc_id in ("id0", "ID1"):
-        done = service.on_deliver(receipt(smsc_id, 2))
-        assert done.called
+    receipts = [service.on_deliver(receipt(smsc_id, 2)) for smsc_id in ("id0", "ID1")]
+    assert not any(d.called for d in receipts)  # not acknowledged before it is kept (R3.7a)
+    clock.advance(0)  # one group commit for both
+    assert [d.result for d in receipts] == ["matched", "matched"]
     assert table(store, messages)[0]["status"] == "delivered"
     reply = DeliverSm("8613800138000", "10690012345", 0, 8, "1 谢谢".encode("utf-16-be"))  # key 1 = 非常满意
     done = service.on_deliver(reply)

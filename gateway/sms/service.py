@@ -99,6 +99,8 @@ class SmsService(service.Service):
         self._scheduler: task.LoopingCall | None = None
         self._housekeeping: task.LoopingCall | None = None
         self._idle_poll: Any = None
+        self._receipts: list[tuple[tuple[str, Any, str | None], defer.Deferred[Any]]] = []
+        self._receipts_flushing = False
         self.counters = {"submitted": 0, "acknowledged": 0, "rejected": 0, "unknown": 0, "replies": 0, "receipts": 0}
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -310,9 +312,10 @@ class SmsService(service.Service):
             except UnreadableReceipt as exc:
                 log.warning("event=sms.receipt_unreadable why=%s", exc)
                 return defer.succeed(None)  # acknowledged: sending it again would not make it readable
-            return self.store.run(
-                self.sms_store.store_receipt, receipt.message_id, receipt.state, receipt.error, now=self._now()
-            )
+            waiter: defer.Deferred[Any] = defer.Deferred()
+            self._receipts.append(((receipt.message_id, receipt.state, receipt.error), waiter))
+            self._flush_receipts_soon()
+            return waiter
         self.counters["replies"] += 1
         part = IncomingPart.from_pdu(
             pdu.source_addr,
@@ -340,6 +343,30 @@ class SmsService(service.Service):
             return outcome
 
         return d.addCallback(answered)
+
+    def _flush_receipts_soon(self) -> None:
+        if not self._receipts_flushing and self._receipts:
+            self._receipts_flushing = True
+            self.reactor.callLater(0, self._flush_receipts)
+
+    def _flush_receipts(self) -> None:
+        """Receipts come as fast as submits: they are kept in group commits, each acknowledged after."""
+        batch, self._receipts = self._receipts[:1000], self._receipts[1000:]
+        d = self.store.run(self.sms_store.store_receipts, [item for item, _ in batch], now=self._now())
+
+        def kept(outcomes: list[str]) -> None:
+            for (_, waiter), outcome in zip(batch, outcomes, strict=True):
+                waiter.callback(outcome)
+
+        def not_kept(failure: Failure) -> None:
+            for _, waiter in batch:
+                waiter.errback(failure)  # the SMSC hears ESME_RX_T_APPN and delivers it again
+
+        def next_batch(_: Any) -> None:
+            self._receipts_flushing = False
+            self._flush_receipts_soon()
+
+        d.addCallbacks(kept, not_kept).addBoth(next_batch)
 
     # -- operations -------------------------------------------------------------------------------
 
