@@ -23,6 +23,7 @@ from gateway.testing.smsc import (
     ESME_RMSGQFUL,
     ESME_ROK,
     ESME_RTHROTTLED,
+    ESME_RX_T_APPN,
     HEADER,
     INVALID_COMMAND_LENGTH,
     UNKNOWN_COMMAND_ID,
@@ -221,6 +222,20 @@ def test_hex_message_ids_reported_in_decimal_receipts(name: str, esme_factory) -
         message_id = esme.responses[0].message_id
         assert esme.received[0].receipted_message_id == message_id
         assert f"id:{int(message_id, 16):010d} ".encode() in esme.received[0].short_message
+
+
+@pytest.mark.parametrize("name", sorted(PEERS))
+def test_mo_answered_with_an_error_is_delivered_again(name: str, esme_factory) -> None:
+    with PEERS[name](redeliver_delay=0.05, redeliver_times=1) as smsc:
+        esme = esme_factory(smsc.port)
+        esme.bind()
+        answers = iter([ESME_RX_T_APPN, ESME_ROK])
+        esme.client.set_message_received_handler(lambda pdu: esme.received.append(pdu) or next(answers))
+        smsc.send_mo(PHONE, SERVICE_NUMBER, "5")
+        esme.read_until(lambda: len(esme.received) == 2)
+        smsc.wait_for(lambda: len(smsc.deliveries()) == 2 and smsc.deliveries()[1].status is not None)
+        assert [(d.attempt, d.status) for d in smsc.deliveries()] == [(1, ESME_RX_T_APPN), (2, ESME_ROK)]
+        assert esme.received[0].short_message == esme.received[1].short_message == "5".encode("utf-16-be")
 
 
 # --- the fault-injecting SMSC -------------------------------------------------------------------

@@ -65,7 +65,9 @@ class NodeSmsc:
     ``message_id_format``: ``"hex"`` or ``"decimal"`` ids in submit_sm_resp;
     ``receipt_id_format``: how the ``id:`` of a receipt's text writes them (``"same"``, ``"hex"``,
     ``"decimal"`` zero-padded to 10 digits); ``receipt_delay`` in seconds; ``log_pdus=False``
-    keeps only counts (for benchmarks: see :meth:`stats`).
+    keeps only counts (for benchmarks: see :meth:`stats`); ``redeliver_delay`` (seconds, None:
+    never) sends again a deliver_sm the client answered with an error, up to ``redeliver_times``
+    more times (SPEC R3.7a).
     """
 
     def __init__(
@@ -79,6 +81,8 @@ class NodeSmsc:
         host: str = "127.0.0.1",
         port: int = 0,
         log_pdus: bool = True,
+        redeliver_delay: float | None = None,
+        redeliver_times: int = 3,
         node: str | None = None,
     ) -> None:
         self.system_id = system_id
@@ -89,6 +93,8 @@ class NodeSmsc:
         self.host = host
         self.port = port
         self.log_pdus = log_pdus
+        self.redeliver_delay = redeliver_delay
+        self.redeliver_times = redeliver_times
         self.node = node
         self._process: subprocess.Popen[str] | None = None
         self._reader: threading.Thread | None = None
@@ -129,6 +135,10 @@ class NodeSmsc:
             self.receipt_id_format,
             "--receipt-delay-ms",
             str(round(self.receipt_delay * 1000)),
+            "--redeliver-delay-ms",
+            str(-1 if self.redeliver_delay is None else round(self.redeliver_delay * 1000)),
+            "--redeliver-times",
+            str(self.redeliver_times),
             "--log",
             "all" if self.log_pdus else "none",
         ]
@@ -261,6 +271,7 @@ class NodeSmsc:
                         short_message=bytes.fromhex(str(entry.get("short_message", ""))),
                         message_id=entry.get("receipted_message_id"),  # type: ignore[arg-type]
                         connection=int(entry.get("connection", 0)),  # type: ignore[call-overload]
+                        attempt=int(entry.get("attempt", 1)),  # type: ignore[call-overload]
                     )
                 )
             elif entry.get("command") == "deliver_sm_resp":

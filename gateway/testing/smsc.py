@@ -361,6 +361,7 @@ class DeliveryRecord:
     message_id: str | None = None  # receipted_message_id of a receipt
     status: int | None = None  # the client's deliver_sm_resp status, None until it answers
     connection: int = 0
+    attempt: int = 1  # 2 and up: redelivered after the client answered an error (SPEC R3.7a)
 
 
 #: Chooses submits: called with the submit's 1-based number across the SMSC's life and the
@@ -507,7 +508,10 @@ class Smsc:
     ``"hex"``, ``"decimal"``) is how the ``id:`` of a receipt's text writes that id, since some
     SMSCs answer in hex and report in zero-padded decimal. A submit with ``registered_delivery``
     asking for a receipt (bits 0-1 = 01) gets one after ``receipt_delay`` seconds, in state
-    ``receipt_state``.
+    ``receipt_state``. With ``redeliver_delay`` set, a deliver_sm the client answers with an
+    error (ESME_RX_T_APPN: "not stored, send it again", SPEC R3.7a) is sent again after that
+    many seconds, up to ``redeliver_times`` more times, as a new :class:`DeliveryRecord` with
+    ``attempt`` 2, 3, ….
     """
 
     def __init__(
@@ -522,6 +526,8 @@ class Smsc:
         receipt_state: str = "DELIVRD",
         host: str = "127.0.0.1",
         port: int = 0,
+        redeliver_delay: float | None = None,
+        redeliver_times: int = 3,
         on_record: Callable[[str, object], None] | None = None,
     ) -> None:
         if message_id_format not in ("hex", "decimal") or receipt_id_format not in ("same", "hex", "decimal"):
@@ -537,7 +543,10 @@ class Smsc:
         self.receipt_state = receipt_state
         self.host = host
         self.port = port
+        self.redeliver_delay = redeliver_delay
+        self.redeliver_times = redeliver_times
         self._on_record = on_record
+        self._sent_deliveries: dict[tuple[int, int], tuple[str, int, dict[str, object]]] = {}
         self._changed = threading.Condition(threading.RLock())
         self._submits: list[SubmitRecord] = []
         self._deliveries: list[DeliveryRecord] = []
@@ -747,11 +756,12 @@ class Smsc:
         receivers = [connection for connection in self._connections_snapshot() if connection.can_receive]
         return receivers[-1] if receivers else None
 
-    def _deliver(self, kind: str, preferred: _Connection | None, **values: object) -> int:
+    def _deliver(self, kind: str, preferred: _Connection | None, attempt: int = 1, **values: object) -> int:
         connection = self._receiver(preferred)
         if connection is None:
             raise RuntimeError("No client is bound as receiver or transceiver to deliver to; bind one first.")
         sequence = connection.next_sequence()
+        self._sent_deliveries[(connection.number, sequence)] = (kind, attempt, values)
         record = DeliveryRecord(
             sequence,
             kind,
@@ -760,6 +770,7 @@ class Smsc:
             bytes(values["short_message"]),  # type: ignore[arg-type]
             message_id=values.get("receipted_message_id"),  # type: ignore[arg-type]
             connection=connection.number,
+            attempt=attempt,
         )
         with self._changed:
             self._deliveries.append(record)
@@ -832,7 +843,7 @@ class Smsc:
         fault = self.fault
         if connection.disconnects and count == fault.disconnect_after_pdus:
             if pdu.command == "submit_sm":
-                self._record_submit(connection, pdu, None, None)
+                self._record("submit", self._record_submit(connection, pdu))
             connection.close()
             return
         answer = self._answer(connection, pdu)
@@ -889,10 +900,27 @@ class Smsc:
                         record.status = pdu.status
                         break
             self._record("deliver_sm_resp", pdu)
+            self._maybe_redeliver(connection, pdu)
             return 0.0, b""
         if command in ("enquire_link_resp", "generic_nack"):
             return 0.0, b""
         return 0.0, encode_pdu("generic_nack", pdu.sequence, ESME_RINVCMDID)
+
+    def _maybe_redeliver(self, connection: _Connection, pdu: Pdu) -> None:
+        """An SMSC delivers again what the client answered with an error, such as ESME_RX_T_APPN."""
+        sent = self._sent_deliveries.pop((connection.number, pdu.sequence), None)
+        if sent is None or pdu.status == ESME_ROK or self.redeliver_delay is None:
+            return
+        kind, attempt, values = sent
+        if attempt > self.redeliver_times:
+            return
+        assert self._timers is not None
+
+        def again() -> None:
+            if self._receiver(None) is not None:
+                self._deliver(kind, None, attempt + 1, **values)
+
+        self._timers.call_later(self.redeliver_delay, again)
 
     def _bind(self, connection: _Connection, pdu: Pdu) -> bytes:
         response = pdu.command + "_resp"
@@ -911,19 +939,20 @@ class Smsc:
         return encode_pdu(response, pdu.sequence, system_id="hcp-test-smsc")
 
     def _submit(self, connection: _Connection, pdu: Pdu) -> tuple[float, bytes] | None:
-        with self._changed:
-            number = len(self._submits) + 1
-        if connection.mode not in ("transceiver", "transmitter"):
-            self._record_submit(connection, pdu, ESME_RINVBNDSTS, None, number)
-            return 0.0, encode_pdu("submit_sm_resp", pdu.sequence, ESME_RINVBNDSTS)
+        record = self._record_submit(connection, pdu)
         elapsed = self._elapsed()
-        status = self.fault.submit_status(number, elapsed)
-        if status is None:
-            self._record_submit(connection, pdu, None, None, number)
-            return None
+        if connection.mode not in ("transceiver", "transmitter"):
+            status: int | None = ESME_RINVBNDSTS
+        else:
+            status = self.fault.submit_status(record.number, elapsed)
         message_id = self._format_id(next(self._message_ids), self.message_id_format) if status == ESME_ROK else None
-        record = self._record_submit(connection, pdu, status, message_id, number)
-        delay = self.fault.response_delay if self.fault.response_delay and self.fault.slow(number, elapsed) else 0.0
+        with self._changed:
+            record.status, record.message_id = status, message_id
+        self._record("submit", record)
+        if status is None:
+            return None
+        slow = self.fault.response_delay and self.fault.slow(record.number, elapsed)
+        delay = self.fault.response_delay if slow else 0.0
         if message_id is not None and record.registered_delivery & 0x03 == 1:
             assert self._timers is not None
             self._timers.call_later(delay + self.receipt_delay, lambda: self._auto_receipt(connection, record))
@@ -942,9 +971,8 @@ class Smsc:
             text=record.text.encode("ascii", "replace").decode("ascii"),
         )
 
-    def _record_submit(
-        self, connection: _Connection, pdu: Pdu, status: int | None, message_id: str | None, number: int = 0
-    ) -> SubmitRecord:
+    def _record_submit(self, connection: _Connection, pdu: Pdu) -> SubmitRecord:
+        """Keep a submit (not yet answered) and give it the next number; the caller announces it."""
         fields = pdu.fields
         with self._changed:
             record = SubmitRecord(
@@ -956,13 +984,10 @@ class Smsc:
                 registered_delivery=int(fields.get("registered_delivery", 0)),  # type: ignore[call-overload]
                 short_message=bytes(fields.get("short_message", b"")),  # type: ignore[call-overload]
                 optional=dict(pdu.optional),
-                status=status,
-                message_id=message_id,
                 connection=connection.number,
-                number=number or len(self._submits) + 1,
+                number=len(self._submits) + 1,
             )
             self._submits.append(record)
-        self._record("submit", record)
         return record
 
 

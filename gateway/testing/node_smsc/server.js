@@ -3,13 +3,15 @@
 //
 //   node server.js [--host 127.0.0.1] [--port 0] [--system-id gateway] [--password secret]
 //                  [--message-id-format hex|decimal] [--receipt-id-format same|hex|decimal]
-//                  [--receipt-delay-ms 0] [--log all|none]
+//                  [--receipt-delay-ms 0] [--redeliver-delay-ms -1] [--redeliver-times 3] [--log all|none]
 //
 // stdout, one JSON object a line: first {"event":"listening","port":P}; then every PDU received
 // ({"event":"pdu","command":"submit_sm",...} with the answer it got under "response"), every
 // deliver_sm sent ({"event":"sent",...}) and the client's deliver_sm_resp ({"event":"pdu",
 // "command":"deliver_sm_resp","status":S,...}). With --log none only the control answers and
-// errors are written (for benchmarks; ask {"op":"stats"} for the counts).
+// errors are written (for benchmarks; ask {"op":"stats"} for the counts). With
+// --redeliver-delay-ms >= 0, a deliver_sm the client answers with an error status (such as
+// ESME_RX_T_APPN) is sent again after that delay, up to --redeliver-times more times.
 //
 // stdin, one JSON object a line (an optional "ref" is echoed back in the answer):
 //   {"op":"mo","source":"13800138000","destination":"106900123451234","text":"1",
@@ -38,12 +40,14 @@ const STATES = {
 function parseArgs(argv) {
   const options = {
     host: '127.0.0.1', port: 0, systemId: 'gateway', password: 'secret',
-    messageIdFormat: 'hex', receiptIdFormat: 'same', receiptDelayMs: 0, log: 'all',
+    messageIdFormat: 'hex', receiptIdFormat: 'same', receiptDelayMs: 0, redeliverDelayMs: -1, redeliverTimes: 3,
+    log: 'all',
   };
   const names = {
     '--host': 'host', '--port': 'port', '--system-id': 'systemId', '--password': 'password',
     '--message-id-format': 'messageIdFormat', '--receipt-id-format': 'receiptIdFormat',
-    '--receipt-delay-ms': 'receiptDelayMs', '--log': 'log',
+    '--receipt-delay-ms': 'receiptDelayMs', '--redeliver-delay-ms': 'redeliverDelayMs',
+    '--redeliver-times': 'redeliverTimes', '--log': 'log',
   };
   for (let i = 2; i < argv.length; i += 2) {
     const key = names[argv[i]];
@@ -55,6 +59,8 @@ function parseArgs(argv) {
   }
   options.port = Number(options.port);
   options.receiptDelayMs = Number(options.receiptDelayMs);
+  options.redeliverDelayMs = Number(options.redeliverDelayMs);
+  options.redeliverTimes = Number(options.redeliverTimes);
   if (!['hex', 'decimal'].includes(options.messageIdFormat)) {
     process.stderr.write('server.js: --message-id-format is hex or decimal\n');
     process.exit(2);
@@ -117,7 +123,7 @@ function smscTime(date) {
     pad(date.getUTCHours()) + pad(date.getUTCMinutes());
 }
 
-function sendDeliver(session, fields, kind, ref) {
+function sendDeliver(session, fields, kind, ref, attempt = 1) {
   const target = receiverFor(session);
   if (!target) {
     emit({ event: 'error', ref, error: 'no bound receiver or transceiver session to deliver to' });
@@ -129,9 +135,13 @@ function sendDeliver(session, fields, kind, ref) {
       emit({ event: 'pdu', connection: target.number, command: 'deliver_sm_resp', sequence: resp.sequence_number,
         status: resp.command_status, kind });
     }
+    if (resp.command_status && options.redeliverDelayMs >= 0 && attempt <= options.redeliverTimes) {
+      setTimeout(() => sendDeliver(null, fields, kind, undefined, attempt + 1), options.redeliverDelayMs);
+    }
   }, (pdu) => {
     stats.deliver_sm_sent += 1;
-    emit({ event: 'sent', ref, connection: target.number, command: 'deliver_sm', kind, sequence: pdu.sequence_number,
+    emit({ event: 'sent', ref, connection: target.number, command: 'deliver_sm', kind, attempt,
+      sequence: pdu.sequence_number,
       source_addr: fields.source_addr, destination_addr: fields.destination_addr,
       short_message: fields.short_message.toString('hex'), receipted_message_id: fields.receipted_message_id });
   });
