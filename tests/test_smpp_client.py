@@ -30,6 +30,7 @@ from gateway.sms.smpp import (
     SubmitRejected,
 )
 from gateway.sms.text import encode_ucs2_parts
+from gateway.testing import smsc as smsc_module
 from gateway.testing.smsc import Fault, Smsc, encode_pdu, nth
 
 # -- harness -------------------------------------------------------------------------------------
@@ -436,18 +437,26 @@ def test_a_wrong_password_is_said_clearly_backed_off_and_nothing_is_sent(caplog:
     assert all("secret" not in r.getMessage() for r in caplog.records)
 
 
-def test_garbage_from_the_smsc_reconnects_and_in_flight_parts_are_unknown_exactly_once() -> None:
+@pytest.mark.parametrize("garbage", ["INVALID_COMMAND_LENGTH", "NOT_SMPP", "UNKNOWN_COMMAND_ID"])
+def test_garbage_from_the_smsc_never_loses_an_answer_it_can_still_read(garbage: str) -> None:
     parts = [part(i) for i in range(30)]
 
     async def scenario(reactor: Any, smsc: Smsc, client: SmppClient, ticker: Ticker) -> None:
         outcomes, _ = await submit_all(reactor, client, parts)
-        unknown = outcomes.of_kind(SubmitOutcomeUnknown)
-        assert len(outcomes.ids()) + len(unknown) == 30
         assert_consistent_with(smsc, outcomes, parts)
-        # the peer sends garbage on every connection: each time a clean reconnect
-        assert client.state()["reconnects"] >= 1 and smsc.binds >= 2
+        # Answers behind the garbage are found again (a submit_sm_resp to a request in flight),
+        # so no part's outcome is unknown; then the link is wound down and bound again.
+        assert outcomes.of_kind(SubmitOutcomeUnknown) == []
+        assert len(outcomes.ids()) == 30
+        if garbage == "UNKNOWN_COMMAND_ID":  # a well-framed PDU: generic_nack, the link goes on
+            assert client.state()["reconnects"] == 0 and smsc.binds == 1
+            assert any(p.get("command") == "generic_nack" for p in smsc.pdus())
+        else:  # the peer sends garbage on every connection: each time a clean reconnect
+            assert client.state()["reconnects"] >= 1 and smsc.binds >= 2
+            assert "not SMPP" in client.state()["last_error"]
 
-    with_client({"fault": Fault(garbage_after_pdus=4)}, scenario, rate=200.0)
+    fault = Fault(garbage_after_pdus=4, garbage=getattr(smsc_module, garbage))
+    with_client({"fault": fault}, scenario, rate=200.0)
 
 
 def test_an_unbind_from_the_smsc_is_answered_and_the_client_binds_again() -> None:
@@ -537,3 +546,30 @@ def test_a_client_that_never_started_fails_its_submits_as_not_submitted() -> Non
         assert isinstance(outcomes.results[0], NotSubmitted)
 
     run_on_reactor(scenario)
+
+
+def test_answers_behind_an_smsc_unbind_are_still_read() -> None:
+    parts = [part(i) for i in range(20)]
+
+    async def scenario(reactor: Any, smsc: Smsc, client: SmppClient, ticker: Ticker) -> None:
+        outcomes, _ = await submit_all(reactor, client, parts)
+        assert outcomes.of_kind(SubmitOutcomeUnknown) == []  # read before the SMSC closed
+        assert len(outcomes.ids()) == 20
+        assert_consistent_with(smsc, outcomes, parts)
+        assert smsc.binds >= 2
+
+    with_client({"fault": Fault(unbind_after_pdus=3)}, scenario)
+
+
+def test_a_connection_closed_in_the_middle_of_an_answer_leaves_those_in_flight_unknown_exactly_once() -> None:
+    parts = [part(i) for i in range(20)]
+
+    async def scenario(reactor: Any, smsc: Smsc, client: SmppClient, ticker: Ticker) -> None:
+        outcomes, _ = await submit_all(reactor, client, parts)
+        unknown = outcomes.of_kind(SubmitOutcomeUnknown)
+        assert unknown  # at least the part whose answer was cut in half
+        assert len(outcomes.ids()) + len(unknown) == 20
+        assert_consistent_with(smsc, outcomes, parts)
+        assert client.state()["reconnects"] >= 1
+
+    with_client({"fault": Fault(close_mid_pdu_after_pdus=5)}, scenario)

@@ -189,3 +189,25 @@ def test_status_classes() -> None:
     assert not is_permanent(0x08)  # system error: try again later
     assert is_permanent(0x0B)  # invalid destination address
     assert read_header(pdu(0x80000004, 9, status=0x58)).is_response
+
+
+def test_after_garbage_the_framer_finds_the_next_plausible_answer() -> None:
+    answer = pdu(0x80000004, 7, b"a0001\x00")
+    stream = pdu(0x80000004, 6, b"a0000\x00") + b"\x00\x00\x00\x03\x00\x00\x00" + b"HTTP/1.1 400" + answer
+    framer = PduFramer()
+    with pytest.raises(FramingError) as caught:
+        framer.feed(stream[:40])
+    assert [read_header(p).sequence for p in caught.value.pdus] == [6]
+    outstanding = {7}
+    found = framer.resync(lambda h: h.command_id == 0x80000004 and h.sequence in outstanding)
+    found += framer.feed(stream[40:])
+    assert found == [answer]
+    assert framer.feed(pdu(0x00000015, 8)) == [pdu(0x00000015, 8)]  # back in step
+
+
+def test_resync_finds_nothing_in_noise_that_merely_looks_like_lengths() -> None:
+    framer = PduFramer()
+    with pytest.raises(FramingError):
+        framer.feed(b"\x00\x00\x00\x02" + bytes(range(256)) * 4)
+    assert framer.resync(lambda h: h.command_id == 0x80000004 and h.sequence in {1, 2, 3}) == []
+    assert framer.pending < 16

@@ -22,7 +22,7 @@ import math
 import random
 import struct
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -272,7 +272,14 @@ MAX_PDU_LENGTH = 70_000
 
 
 class FramingError(Exception):
-    """The byte stream holds something that is not a PDU; the connection cannot be trusted."""
+    """The byte stream holds something that is not a PDU; the connection cannot be trusted.
+
+    ``pdus`` are the whole PDUs that came before the bad bytes in the same feed.
+    """
+
+    def __init__(self, message: str, pdus: list[bytes]) -> None:
+        super().__init__(message)
+        self.pdus = pdus
 
 
 @dataclass(frozen=True)
@@ -292,15 +299,24 @@ def read_header(raw: bytes) -> Header:
 
 
 class PduFramer:
-    """Cuts the bytes read from an SMPP connection into whole PDUs (SMPP 3.4 section 3.2)."""
+    """Cuts the bytes read from an SMPP connection into whole PDUs (SMPP 3.4 section 3.2).
+
+    After a :class:`FramingError` the stream has lost its PDU boundaries. :meth:`resync` then
+    skips bytes until a header that the caller finds plausible (e.g. a ``submit_sm_resp`` to a
+    request still outstanding), so that answers the SMSC wrote after the garbage can still be
+    read while the link is wound down, instead of becoming outcomes unknown.
+    """
 
     def __init__(self, max_length: int = MAX_PDU_LENGTH) -> None:
         self.max_length = max_length
         self._buffer = bytearray()
+        self._plausible: Callable[[Header], bool] | None = None
 
     def feed(self, data: bytes) -> list[bytes]:
         """Add ``data``; return the PDUs now complete. Raise :class:`FramingError` on a bad length."""
         self._buffer += data
+        if self._plausible is not None and not self._find_boundary():
+            return []
         pdus: list[bytes] = []
         buffer = self._buffer
         start = 0
@@ -308,10 +324,11 @@ class PduFramer:
         while end - start >= 4:
             (length,) = struct.unpack_from(">L", buffer, start)
             if length < HEADER_LENGTH or length > self.max_length:
-                self._buffer = bytearray()
+                del buffer[:start]
                 raise FramingError(
                     f"a PDU announces {length} bytes (a PDU has {HEADER_LENGTH} to {self.max_length}): "
-                    "the SMSC sent bytes that are not SMPP"
+                    "the SMSC sent bytes that are not SMPP",
+                    pdus,
                 )
             if end - start < length:
                 break
@@ -320,6 +337,25 @@ class PduFramer:
         if start:
             del buffer[:start]
         return pdus
+
+    def resync(self, plausible: Callable[[Header], bool]) -> list[bytes]:
+        """Skip the bad bytes up to the next header ``plausible`` accepts; return the PDUs from there."""
+        self._plausible = plausible
+        del self._buffer[:1]
+        return self.feed(b"")
+
+    def _find_boundary(self) -> bool:
+        buffer = self._buffer
+        plausible = self._plausible
+        assert plausible is not None
+        for offset in range(0, len(buffer) - HEADER_LENGTH + 1):
+            header = Header(*HEADER.unpack_from(buffer, offset))
+            if HEADER_LENGTH <= header.length <= self.max_length and plausible(header):
+                del buffer[:offset]
+                self._plausible = None
+                return True
+        del buffer[: max(0, len(buffer) - HEADER_LENGTH + 1)]
+        return False
 
     @property
     def pending(self) -> int:

@@ -51,6 +51,7 @@ from twisted.python.failure import Failure
 
 from gateway.config import SmppConfig
 from gateway.sms.link import (
+    HEADER_LENGTH,
     THROTTLING_STATUSES,
     Backoff,
     FramingError,
@@ -294,6 +295,8 @@ class _Link:
         self._stopping = False
         self._stop_deadline = 0.0
         self._done = False
+        self._draining: str | None = None
+        self._drain_deadline = 0.0
         # read by SmppClient.state() from the reactor thread (plain attribute reads)
         self.bound = False
         self.phase = "disconnected"
@@ -388,6 +391,8 @@ class _Link:
             times.append(self.pacer.next_send_at(now))
         if self._stopping:
             times.append(self._stop_deadline)
+        if self._draining is not None:
+            times.append(self._drain_deadline)
         return min(times)
 
     def _drain_wake(self) -> None:
@@ -436,7 +441,7 @@ class _Link:
     def _check_stopped(self, now: float) -> None:
         if not self._stopping:
             return
-        if len(self.window) and now < self._stop_deadline and self.bound:
+        if len(self.window) and now < self._stop_deadline and (self.bound or self._draining is not None):
             return
         for entry in self.window.drain():
             self._unknown(entry.item.token, "the client stopped before the SMSC answered")
@@ -458,6 +463,8 @@ class _Link:
     def _timers(self, now: float) -> None:
         if not self.connections and not self._stopping and now >= self._reconnect_at:
             self._connect(now)
+        if self._draining is not None and (not len(self.window) or now >= self._drain_deadline):
+            raise LinkDropped(self._draining)
         for conn in list(self.connections):
             if conn.phase == "connecting" and now >= conn.deadline:
                 raise LinkDropped(f"cannot connect to {self.config.host}:{self.config.port}: no answer")
@@ -546,7 +553,6 @@ class _Link:
             self.bound = True
             self.phase = "bound"
             self.backoff.reset()
-            self.last_error = None
             log.info(
                 "event=smpp.bound mode=%s host=%s port=%s system_id=%s",
                 self.config.bind_mode,
@@ -559,7 +565,7 @@ class _Link:
     # -- writing --------------------------------------------------------------------------------------
 
     def _send_submits(self, now: float) -> None:
-        if not self.bound or self._stopping:
+        if not self.bound or self._stopping or self._draining is not None:
             return
         conn = next(c for c in self.connections if c.sends)
         config = self.config
@@ -614,13 +620,27 @@ class _Link:
                 conn.phase = "closing"
                 return
             raise LinkDropped("the SMSC closed the connection")
+        garbled: str | None = None
         try:
             pdus = conn.framer.feed(data)
         except FramingError as error:
-            raise LinkDropped(f"garbled data from the SMSC: {error}") from None
+            pdus, garbled = error.pdus, f"garbled data from the SMSC: {error}"
         conn.last_received = now
         for raw in pdus:
             self._handle(conn, raw, now)
+        if garbled is not None:
+            self.errors_total += 1
+            log.warning("event=smpp.garbled_stream in_flight=%d", len(self.window))
+            if not conn.sends or not len(self.window) or conn not in self.connections:
+                raise LinkDropped(garbled)
+            # Answers written after the garbage are still worth reading: each one read is a part
+            # that will not be sent twice. Wind the link down, then reconnect.
+            self._begin_drain(garbled, now)
+            window = self.window
+            for raw in conn.framer.resync(
+                lambda h: h.command_id == SUBMIT_SM_RESP and h.length <= HEADER_LENGTH + 65 and h.sequence in window
+            ):
+                self._handle(conn, raw, now)
 
     def _handle(self, conn: _Connection, raw: bytes, now: float) -> None:
         header = read_header(raw)
@@ -648,6 +668,8 @@ class _Link:
             return
         command = pdu.command
         if command == "deliver_sm":
+            if conn.phase == "draining":
+                return  # it cannot be acknowledged any more: the SMSC delivers it again after the reconnect
             self._events.append(("deliver", conn.ident, header.sequence, DeliverSm.from_pdu(pdu)))
         elif command == "enquire_link":
             conn.out += _response("enquire_link_resp", header.sequence)
@@ -656,8 +678,10 @@ class _Link:
         elif command == "unbind":
             conn.out += _response("unbind_resp", header.sequence)
             self._write(conn)
-            log.warning("event=smpp.unbound_by_smsc role=%s", conn.role)
-            raise LinkDropped("the SMSC unbound")
+            log.warning("event=smpp.unbound_by_smsc role=%s in_flight=%d", conn.role, len(self.window))
+            if not conn.sends or not len(self.window):
+                raise LinkDropped("the SMSC unbound")
+            self._begin_drain("the SMSC unbound", now)  # its answers to what is in flight may follow
         elif command == "unbind_resp":
             conn.phase = "closing"
         elif command == "generic_nack":
@@ -708,12 +732,28 @@ class _Link:
 
     # -- dropping and stopping ------------------------------------------------------------------------
 
+    def _begin_drain(self, reason: str, now: float) -> None:
+        """Send nothing more on this link; read answers to what is in flight, then reconnect."""
+        if self._draining is not None:
+            return
+        self._draining = reason
+        self._drain_deadline = now + self.config.response_timeout
+        for conn in self.connections:
+            if conn.phase == "bound":
+                conn.phase = "draining"
+        if self.bound:
+            self.bound = False
+            self._events.append(("unbound", reason))
+        self.phase = "draining"
+        log.warning("event=smpp.draining reason=%r in_flight=%d", reason, len(self.window))
+
     def _unknown(self, token: int, reason: str) -> None:
         self._events.append(("unknown", token, reason))
 
     def _drop(self, reason: str) -> None:
         """Close the link; what was in flight has an unknown outcome; reconnect after a backoff."""
         was_bound = self.bound
+        self._draining = None
         self.last_error = reason
         lost = self.window.drain()
         for entry in lost:
