@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import struct
+import sys
 import time
 from collections.abc import Iterator
 
@@ -395,3 +396,34 @@ def test_codec_round_trip_of_a_receipt() -> None:
         b"id:1",
     )
     assert pdu.optional == {"receipted_message_id": "1", "message_state": 2}
+
+
+# --- the SMS benchmark's rate check ---------------------------------------------------------------
+
+
+def _bench_sms():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "sms.py"
+    if "bench_sms" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("bench_sms", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["bench_sms"] = module  # dataclasses look their module up while it loads
+        spec.loader.exec_module(module)
+    return sys.modules["bench_sms"]
+
+
+@pytest.mark.parametrize(
+    ("send_times", "duration", "achieved", "deviation"),
+    [
+        ([i / 100 for i in range(6001)], None, 100.0, 0.0),  # 100/s held for a minute
+        ([i / 98 for i in range(5881)], None, 98.0, -0.02),  # 2 % slow: at the limit
+        ([i / 200 for i in range(6001)], 60.0, 100.0, 0.0),  # too fast, but only 6,000 were due
+        ([i / 100 for i in range(6001)] + [70.0, 71.0], 60.0, 100.0, 0.0),  # late sends outside the window
+    ],
+)
+def test_rate_report_measures_the_rate_held(send_times, duration, achieved, deviation) -> None:
+    report = _bench_sms().rate_report(send_times, 100.0, duration)
+    assert report.achieved == pytest.approx(achieved, rel=1e-3)
+    assert report.deviation == pytest.approx(deviation, abs=1e-3)
