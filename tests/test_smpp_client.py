@@ -31,6 +31,7 @@ from gateway.sms.smpp import (
 )
 from gateway.sms.text import encode_ucs2_parts
 from gateway.testing import smsc as smsc_module
+from gateway.testing.node_smsc import NodeSmsc
 from gateway.testing.smsc import Fault, Smsc, encode_pdu, nth
 
 # -- harness -------------------------------------------------------------------------------------
@@ -172,12 +173,13 @@ def assert_consistent_with(smsc: Smsc, outcomes: Outcomes, parts: list[SubmitPar
 
 def with_client(
     smsc_options: dict[str, Any],
-    scenario: Callable[[Any, Smsc, SmppClient, Ticker], Awaitable[Any]],
+    scenario: Callable[[Any, Any, SmppClient, Ticker], Awaitable[Any]],
     *,
     on_deliver: Callable[[DeliverSm], Any] = stored,
+    peer: Callable[..., Any] = Smsc,
     **config: Any,
 ) -> Any:
-    with Smsc(**smsc_options) as smsc:
+    with peer(**smsc_options) as smsc:
 
         async def run(reactor: Any) -> Any:
             client = SmppClient(
@@ -573,3 +575,62 @@ def test_a_connection_closed_in_the_middle_of_an_answer_leaves_those_in_flight_u
         assert client.state()["reconnects"] >= 1
 
     with_client({"fault": Fault(close_mid_pdu_after_pdus=5)}, scenario)
+
+
+# -- node-smpp: an SMSC that is not this project's code -------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bind_mode", ["transceiver", "transmitter_receiver"])
+def test_against_node_smpp_a_long_invitation_its_receipts_and_a_reply(bind_mode: str) -> None:
+    text = (
+        "【12345热线】您办理的“不动产登记”事项已办结，请您评价：回复1非常满意，2满意，3基本满意，"
+        "4不满意，5非常不满意。请于2月24日18:30前回复，逾期默认“基本满意”。回复TD退订"
+    )
+    pieces = encode_ucs2_parts(text, 7)
+    parts = [SubmitPart("13800000009", "106900123450042", p.short_message, p.esm_class) for p in pieces]
+    received: list[DeliverSm] = []
+
+    async def on_deliver(message: DeliverSm) -> None:
+        received.append(message)
+
+    async def scenario(reactor: Any, smsc: NodeSmsc, client: SmppClient, ticker: Ticker) -> None:
+        await client.when_bound()
+        outcomes, _ = await submit_all(reactor, client, parts)
+        assert len(outcomes.ids()) == len(parts) == 2
+        records = smsc.accepted()
+        assert [r.message_id for r in records] == [outcomes.ids()[0], outcomes.ids()[1]]
+        assert [r.concatenation.sequence for r in records if r.concatenation] == [1, 2]
+        assert all(r.concatenation and r.concatenation.reference == 7 for r in records)
+        assert all(r.data_coding == 8 and r.esm_class == 0x40 for r in records)
+        assert "".join(r.text for r in records) == text
+        await until(reactor, lambda: sum(m.is_receipt for m in received) == 2, 5, "both receipts")
+        receipts = {m.receipted_message_id for m in received if m.is_receipt}
+        assert receipts == set(outcomes.ids().values())
+        smsc.send_mo("13800000009", "106900123450042", "１ 很满意")
+        await until(reactor, lambda: any(not m.is_receipt for m in received), 5, "the reply")
+        reply = next(m for m in received if not m.is_receipt)
+        assert reply.short_message.decode("utf-16-be") == "１ 很满意"
+        assert reply.destination_addr == "106900123450042"
+        await until(reactor, lambda: all(d.status == 0 for d in smsc.deliveries()), 5, "all acknowledged")
+        assert len(smsc.deliveries()) == 3
+
+    with_client({"receipt_delay": 0.05}, scenario, on_deliver=on_deliver, peer=NodeSmsc, bind_mode=bind_mode)
+
+
+@pytest.mark.slow
+def test_against_node_smpp_an_unbind_or_a_dropped_session_is_followed_by_a_new_bind() -> None:
+    async def scenario(reactor: Any, smsc: NodeSmsc, client: SmppClient, ticker: Ticker) -> None:
+        first, _ = await submit_all(reactor, client, [part(i) for i in range(20)])
+        assert len(first.ids()) == 20
+        smsc.unbind()
+        await until(reactor, lambda: client.state()["reconnects"] == 1, 5, "unbound")
+        await until(reactor, lambda: client.state()["bound"], 5, "bound again")
+        smsc.close_connection()
+        await until(reactor, lambda: client.state()["reconnects"] == 2, 5, "dropped")
+        second, _ = await submit_all(reactor, client, [part(i) for i in range(20, 40)])
+        assert len(second.ids()) == 20
+        assert smsc.acknowledged_twice() == []
+        assert any(p.get("command") == "unbind_resp" for p in smsc.pdus())
+
+    with_client({}, scenario, peer=NodeSmsc)

@@ -59,6 +59,7 @@ from gateway.sms.link import (
     Pacer,
     PduFramer,
     Window,
+    encode_submit_sm,
     is_permanent,
     read_header,
 )
@@ -573,28 +574,26 @@ class _Link:
         while pending and window.has_room and pacer.ready(now):
             queued = pending.popleft()
             part = queued.part
-            pdu = smpplib.smpp.make_pdu(
-                "submit_sm",
-                client=conn.client,
-                service_type="",
-                source_addr_ton=config.source_addr_ton,
-                source_addr_npi=config.source_addr_npi,
-                source_addr=part.source,
-                dest_addr_ton=config.dest_addr_ton,
-                dest_addr_npi=config.dest_addr_npi,
-                destination_addr=part.destination,
-                esm_class=part.esm_class,
-                registered_delivery=part.registered_delivery,
-                data_coding=part.data_coding,
-                short_message=part.short_message,
-            )
+            sequence = conn.client.next_sequence()
             try:
-                raw = pdu.generate()
-            except Exception as error:  # a part smpplib cannot encode: the caller's mistake, said plainly
-                self._events.append(("rejected_locally", queued.token, f"{type(error).__name__}: {error}"))
+                raw = encode_submit_sm(
+                    sequence,
+                    source_addr_ton=config.source_addr_ton,
+                    source_addr_npi=config.source_addr_npi,
+                    source_addr=part.source,
+                    dest_addr_ton=config.dest_addr_ton,
+                    dest_addr_npi=config.dest_addr_npi,
+                    destination_addr=part.destination,
+                    esm_class=part.esm_class,
+                    registered_delivery=part.registered_delivery,
+                    data_coding=part.data_coding,
+                    short_message=part.short_message,
+                )
+            except (ValueError, UnicodeEncodeError) as error:  # the caller's mistake, said plainly
+                self._events.append(("rejected_locally", queued.token, str(error)))
                 continue
             conn.out += raw
-            window.open(pdu.sequence, queued, now)
+            window.open(sequence, queued, now)
             pacer.sent(now)
 
     def _write(self, conn: _Connection) -> None:
