@@ -313,6 +313,22 @@ def test_a_deliver_sm_is_acknowledged_only_after_it_is_stored_and_refused_if_sto
     with_client({}, scenario, on_deliver=on_deliver)
 
 
+def test_replies_are_acknowledged_ahead_of_the_queued_bulk() -> None:
+    async def scenario(reactor: Any, smsc: Smsc, client: SmppClient, ticker: Ticker) -> None:
+        await client.when_bound()
+        watched = [client.submit(part(i)) for i in range(30)]  # 10 s of bulk at 3/s
+        await until(reactor, lambda: len(smsc.submits()) >= 2, 5, "bulk started")
+        smsc.send_mo("13800000002", "1069001234500", "5")
+        started = time.monotonic()
+        await until(reactor, lambda: smsc.deliveries()[0].status == 0, 2, "the reply acknowledged")
+        assert time.monotonic() - started < 0.3  # not behind the 28 queued submits
+        assert client.state()["queued"] >= 20
+        for waiting in watched:
+            waiting.addErrback(lambda f: f.trap(NotSubmitted))  # the stop at the end drops the rest
+
+    with_client({}, scenario, rate=3.0)
+
+
 def test_the_smscs_enquire_link_is_answered_and_an_unknown_command_gets_generic_nack() -> None:
     async def scenario(reactor: Any, smsc: Smsc, client: SmppClient, ticker: Ticker) -> None:
         await client.when_bound()
@@ -634,3 +650,53 @@ def test_against_node_smpp_an_unbind_or_a_dropped_session_is_followed_by_a_new_b
         assert any(p.get("command") == "unbind_resp" for p in smsc.pdus())
 
     with_client({}, scenario, peer=NodeSmsc)
+
+
+# -- the reactor side alone, with a Clock: no thread, no socket -----------------------------------
+
+
+def test_each_submit_resolves_once_even_if_the_thread_reported_twice() -> None:
+    client = SmppClient(smpp_config(1), task.Clock(), lambda m: defer.succeed(None))
+    outcomes = Outcomes()
+    for index in range(4):
+        outcomes.watch(index, client.submit(part(index)))
+    assert client.state()["queued"] == 4
+    client._handle_events(
+        [
+            ("ok", 1, "a1"),
+            ("rejected", 2, 0x0B),
+            ("unknown", 3, "the link dropped"),
+            ("not_submitted", 4),
+            ("ok", 1, "again"),
+            ("unknown", 2, "late"),
+        ]
+    )
+    assert outcomes.results[0] == "a1"
+    assert isinstance(outcomes.results[1], SubmitRejected) and outcomes.results[1].permanent
+    assert isinstance(outcomes.results[2], SubmitOutcomeUnknown)
+    assert isinstance(outcomes.results[3], NotSubmitted)
+    assert client.state()["queued"] == 0
+
+
+def test_a_deliver_sm_is_acknowledged_after_its_deferred_and_ahead_of_nothing_else() -> None:
+    storing: list[defer.Deferred[None]] = []
+
+    def on_deliver(message: DeliverSm) -> defer.Deferred[None]:
+        storing.append(defer.Deferred())
+        return storing[-1]
+
+    client = SmppClient(smpp_config(1), task.Clock(), on_deliver)
+    message = DeliverSm("13800000001", "1069001234500", 0, 8, "5".encode("utf-16-be"))
+    client._handle_events([("deliver", 7, 41, message), ("deliver", 7, 42, message)])
+    assert len(storing) == 2 and client._link.commands.qsize() == 0  # nothing answered yet
+    storing[1].callback(None)
+    storing[0].errback(RuntimeError("disk full"))
+    answers = [client._link.commands.get_nowait() for _ in range(2)]
+    assert answers == [("ack", 7, 42, 0x00), ("ack", 7, 41, 0x64)]
+
+
+def test_a_delivery_receipt_is_told_from_a_reply() -> None:
+    receipt = DeliverSm("138", "1069", 0x04, 0, b"id:a0001 stat:DELIVRD", "a0001", 2)
+    intermediate = DeliverSm("138", "1069", 0x08, 0, b"", "a0001", 1)
+    reply = DeliverSm("138", "1069", 0x40, 8, b"\x05\x00\x03\x01\x02\x01\x00\x35")
+    assert receipt.is_receipt and intermediate.is_receipt and not reply.is_receipt

@@ -292,3 +292,11 @@ def test_a_submit_sm_that_does_not_fit_is_refused_not_cut_short(change: dict) ->
     }
     with pytest.raises(ValueError):
         encode_submit_sm(2, **(fields | change))
+
+
+def test_after_full_recovery_a_new_throttling_episode_starts_from_the_shortest_pause() -> None:
+    pacer = Pacer(100.0, throttle_delay=1.0, throttle_max_delay=8.0, recovery=5.0)
+    assert pacer.throttled(0.0, sent_at=0.0) == pytest.approx(1.0)
+    assert pacer.throttled(1.5, sent_at=1.2) == pytest.approx(3.5)  # again before recovery: doubled
+    assert pacer.pace(20.0) == 100.0
+    assert pacer.throttled(20.0, sent_at=19.9) == pytest.approx(21.0)

@@ -102,15 +102,16 @@ class Pacer:
     # -- reading ---------------------------------------------------------------------------------
 
     def pace(self, now: float) -> float:
-        """The current pace in messages/s: ``rate``, or less while recovering from throttling."""
+        """The current pace in messages/s: ``rate``, or less while recovering from throttling.
+
+        Only reads (another thread may show it in a status page).
+        """
         if self._low >= self.rate:
             return self.rate
         start = max(self._paused_until, self._decreased_at)
         if now <= start:
             return self._low
         if self.recovery <= 0 or now - start >= self.recovery:
-            self._low = self.rate
-            self._episodes = 0
             return self.rate
         return self._low + (self.rate - self._low) * (now - start) / self.recovery
 
@@ -138,6 +139,8 @@ class Pacer:
         """The SMSC throttled a submit sent at ``sent_at``; return when sending may go on."""
         if sent_at >= self._decreased_at:
             current = self.pace(now)
+            if current >= self.rate:
+                self._episodes = 0  # fully recovered since the last episode: start from the shortest pause
             self._episodes += 1
             delay = min(self.throttle_delay * 2 ** (self._episodes - 1), self.throttle_max_delay)
             self._low = max(self.min_rate, current / 2)
