@@ -752,6 +752,8 @@ class _Link:
     def _drop(self, reason: str) -> None:
         """Close the link; what was in flight has an unknown outcome; reconnect after a backoff."""
         was_bound = self.bound
+        if self._draining is not None and reason != self._draining:
+            reason = f"{self._draining}; then {reason}"
         self._draining = None
         self.last_error = reason
         lost = self.window.drain()
@@ -846,7 +848,12 @@ class SmppClient(Service):
     # -- the API ----------------------------------------------------------------------------------
 
     def submit(self, part: SubmitPart) -> defer.Deferred[str]:
-        """Send one part; fires with the SMSC's message_id, or fails (see the module docstring)."""
+        """Send one part; fires with the SMSC's message_id, or fails (see the module docstring).
+
+        May be called at any time: before the link is bound the part waits in the queue. A part
+        that cannot be encoded (an address over 20 characters, a short message over 254 octets)
+        fails with ValueError without being sent.
+        """
         if self._stopping:
             return defer.fail(NotSubmitted("the SMPP client is stopping; send the part again later"))
         self._next_token += 1
