@@ -8,7 +8,7 @@ accepted finish writing, then the store's threads end. Channels not configured a
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.application import internet, service
@@ -16,7 +16,10 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorCore, IReactorTCP, IReactorTime
 
 from gateway.config import Config
+from gateway.health import HealthCheck, agi_health, pusher_health
+from gateway.health import health_report as components_report
 from gateway.http_api import GatewayApi, make_site
+from gateway.metrics import GatewayMetrics
 from gateway.workdays import WorkingDayCalendar
 from storage.deferred import DeferredStore
 from storage.store import Store
@@ -48,6 +51,9 @@ class Gateway:
     root: service.MultiService
     api: GatewayApi | None = None
     sms: Any = None  # gateway.sms.service.SmsService when [smpp] enabled
+    metrics: GatewayMetrics | None = None
+    #: /health's components besides the store: name -> check (see gateway.health).
+    health_checks: dict[str, HealthCheck] = field(default_factory=dict)
 
 
 def build_gateway(config: Config, reactor: Any, *, store: Store | None = None) -> Gateway:
@@ -58,22 +64,30 @@ def build_gateway(config: Config, reactor: Any, *, store: Store | None = None) -
     deferred_store = DeferredStore(store, reactor, config.store.threads)
     deferred_store.setServiceParent(root)
     gateway = Gateway(config, store, deferred_store, calendar, root)
+    gateway.metrics = metrics = GatewayMetrics(deferred_store, reactor)
 
     if config.agi.enabled:
         from gateway.ivr.fastagi import build_fastagi_service
 
-        build_fastagi_service(config, reactor, deferred_store).setServiceParent(root)
+        agi = build_fastagi_service(config, reactor, deferred_store)
+        agi.setServiceParent(root)
+        gateway.health_checks["agi"] = lambda: agi_health(agi)
+        metrics.watch_agi(agi.factory.stats)
 
     if config.platform.enabled:
         from gateway.platform.pusher import build_pusher
 
-        build_pusher(config, reactor, deferred_store).setServiceParent(root)
+        pusher = build_pusher(config, reactor, deferred_store)
+        pusher.setServiceParent(root)
+        gateway.health_checks["pusher"] = lambda: pusher_health(pusher)
+        metrics.watch_pusher(pusher)
 
     if config.smpp.enabled:
         from gateway.sms.service import build_sms_service
 
         gateway.sms = build_sms_service(config, reactor, store, deferred_store, calendar)
         gateway.sms.setServiceParent(root)
+        gateway.health_checks["smsc"] = gateway.sms.health
 
     if config.http.enabled:
         gateway.api = GatewayApi(
@@ -81,37 +95,19 @@ def build_gateway(config: Config, reactor: Any, *, store: Store | None = None) -
             reactor,
             health=lambda: health_report(gateway),
             default_country_code=config.privacy.default_country_code,
+            config=config,
+            metrics=metrics,
         )
-        site = make_site(gateway.api, config.http.max_body_bytes)
-        http = internet.TCPServer(config.http.port, site, interface=config.http.host, backlog=511)
+        site = make_site(gateway.api, config.http.max_body_bytes, reactor)
+        http = internet.TCPServer(config.http.port, site, interface=config.http.host, backlog=511, reactor=reactor)
         http.setName("http")
         http.setServiceParent(root)
     return gateway
 
 
 def health_report(gateway: Gateway) -> defer.Deferred[dict[str, Any]]:
-    """Each component's state (SPEC: operations); the store is asked, not assumed."""
-
-    def store_ok(_: Any) -> dict[str, Any]:
-        return {"status": "ok"}
-
-    def store_down(failure: Any) -> dict[str, Any]:
-        return {"status": "down", "error": failure.type.__name__}
-
-    probe = gateway.deferred_store.call("ping").addCallbacks(store_ok, store_down)
-    smsc = gateway.sms.health() if gateway.sms is not None else defer.succeed(None)
-
-    def assemble(results: list[Any]) -> dict[str, Any]:
-        store_state, smsc_state = results
-        components: dict[str, Any] = {"store": store_state}
-        if gateway.config.agi.enabled:
-            components["agi"] = {"status": "ok", "port": gateway.config.agi.port}
-        if smsc_state is not None:
-            components["smsc"] = smsc_state
-        status = "ok" if all(c["status"] == "ok" for c in components.values()) else "degraded"
-        return {"status": status, "components": components}
-
-    return defer.gatherResults([probe, smsc]).addCallback(assemble)
+    """Each component's state (issue 5 §4): the store, asked, and every registered check."""
+    return components_report(gateway.deferred_store, gateway.health_checks)
 
 
 def run(config: Config, reactor: IReactorCore | IReactorTCP | IReactorTime | Any) -> int:

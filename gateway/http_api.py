@@ -1,19 +1,25 @@
-"""The HTTP API (twisted.web): health, OpenAPI document, service intake, operators' look-ups.
+"""The HTTP API (twisted.web): health, metrics, OpenAPI document, service intake, operators' look-ups.
 
-Every route but ``/health`` and ``/openapi.json`` needs a bearer token whose role may use
-it (SPEC R5.2). Bodies are JSON, bounded in size; errors are JSON sentences that say what is
-wrong and where. Store calls go through :class:`storage.deferred.DeferredStore`.
+Every route but ``/health``, ``/openapi.json`` and ``/metrics`` needs a bearer token whose role
+may use it (SPEC R5.2); ``/metrics`` needs one too unless asked from loopback. Bodies are JSON,
+bounded in size; errors are JSON sentences that say what is wrong and where. Store calls go
+through :class:`storage.deferred.DeferredStore`. Phones are masked in every answer but the
+supervisors' call-back view, which is audited (SPEC R5.1). Listings are paged by an opaque
+``cursor`` (see :mod:`storage.queries`): each page gives ``next``, the link to the one after.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
+import re
 import time
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-from typing import Any
+from datetime import date, datetime, timedelta
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -22,15 +28,30 @@ from twisted.web import server
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from gateway.health import is_down
 from gateway.intake import FieldError, ServiceRecordInput, parse_service_record, parse_timestamp
 from gateway.openapi import build_openapi
+from storage import queries
 from storage.deferred import DeferredStore
+
+if TYPE_CHECKING:
+    from gateway.config import Config
+    from gateway.metrics import GatewayMetrics
 
 log = logging.getLogger("gateway.http")
 
 MAX_RECORDS_PER_REQUEST = 1000
 INTAKE_ROLES = frozenset({"intake", "admin"})
 LOOKUP_ROLES = frozenset({"operator", "supervisor", "admin"})
+#: SPEC R5.1, R5.2: only those who must call the citizen back see the number.
+CONTACT_ROLES = frozenset({"supervisor"})
+ADMIN_ROLES = frozenset({"admin"})
+RECONCILIATION_ROLES = frozenset({"admin", "supervisor", "platform"})
+#: With a token; from loopback /metrics needs none.
+METRICS_ROLES = frozenset({"admin", "platform"})
+RATING_FILTERS = tuple(queries.SERVICE_FILTERS)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 
 class ApiError(Exception):
@@ -76,6 +97,14 @@ class _Route:
     roles: frozenset[str] | None  # None: no authentication
 
 
+@dataclass(frozen=True)
+class RawBody:
+    """A response body that is not JSON."""
+
+    payload: bytes
+    content_type: str
+
+
 class GatewayApi(Resource):
     """All routes in one small table; each handler returns (status, JSON-able body)."""
 
@@ -89,11 +118,15 @@ class GatewayApi(Resource):
         health: Callable[[], defer.Deferred[dict[str, Any]]] | None = None,
         default_country_code: str = "86",
         token_cache_seconds: float = 30.0,
+        config: Config | None = None,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         super().__init__()
         self.store = store
         self.reactor = reactor
         self.default_country_code = default_country_code
+        self.config = config
+        self.metrics = metrics
         self._health = health
         self._token_cache: dict[str, tuple[float, tuple[str, str] | None]] = {}
         self._token_cache_seconds = token_cache_seconds
@@ -101,9 +134,14 @@ class GatewayApi(Resource):
         self.routes = [
             _Route(b"GET", ("health",), self.get_health, None),
             _Route(b"GET", ("openapi.json",), self.get_openapi, None),
+            _Route(b"GET", ("metrics",), self.get_metrics, None),  # its own check: loopback or a token
             _Route(b"POST", ("v1", "service-records"), self.post_service_records, INTAKE_ROLES),
             _Route(b"GET", ("v1", "service-records", "{id}"), self.get_service_record, INTAKE_ROLES | LOOKUP_ROLES),
+            _Route(b"GET", ("v1", "service-records", "{id}", "contact"), self.get_service_contact, CONTACT_ROLES),
             _Route(b"GET", ("v1", "ratings"), self.get_ratings, LOOKUP_ROLES),
+            _Route(b"GET", ("v1", "ratings", "{record_id}", "contact"), self.get_rating_contact, CONTACT_ROLES),
+            _Route(b"GET", ("v1", "outbox", "rejected"), self.get_rejected, ADMIN_ROLES),
+            _Route(b"GET", ("v1", "reconciliation"), self.get_reconciliation, RECONCILIATION_ROLES),
         ]
 
     # -- plumbing ------------------------------------------------------------------------------
@@ -185,11 +223,14 @@ class GatewayApi(Resource):
         if request._disconnected:  # the client went away
             return
         request.setResponseCode(status)
-        if isinstance(body, bytes):
+        content_type = b"application/json; charset=utf-8"
+        if isinstance(body, RawBody):
+            payload, content_type = body.payload, body.content_type.encode()
+        elif isinstance(body, bytes):
             payload = body
         else:
             payload = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
-        request.setHeader(b"Content-Type", b"application/json; charset=utf-8")
+        request.setHeader(b"Content-Type", content_type)
         request.setHeader(b"Cache-Control", b"no-store")
         request.write(payload)
         request.finish()
@@ -222,7 +263,7 @@ class GatewayApi(Resource):
             return 200, {"status": "ok", "components": {}}
 
         def answer(report: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-            return (200 if report["status"] == "ok" else 503), report
+            return (503 if is_down(report) else 200), report
 
         return self._health().addCallback(answer)
 
@@ -301,37 +342,169 @@ class GatewayApi(Resource):
         return self.store.call("get_service_record", id).addCallback(answer)
 
     def get_ratings(self, request: Request, principal: tuple[str, str]) -> Any:
-        """Operators' look-up of the ratings linked to a call, work order, agent or record."""
-        args = {k.decode(): v[0].decode("utf-8", "replace") for k, v in request.args.items() if v}
-        known = {"call_id", "linked_id", "work_order", "agent", "service_id", "from", "to", "limit", "offset"}
-        unknown = sorted(set(args) - known)
-        if unknown:
-            raise ApiError(400, f"unknown query parameter(s): {', '.join(unknown)}")
-        filters = {
-            "call_id": args.get("call_id"),
-            "linked_id": args.get("linked_id"),
-            "work_order": args.get("work_order"),
-            "agent_id": args.get("agent"),
-            "service_id": args.get("service_id"),
-        }
-        if not any(filters.values()):
-            raise ApiError(400, "give at least one of call_id, linked_id, work_order, agent, service_id")
-        for name, key in (("from", "since"), ("to", "until")):
-            if name in args:
-                try:
-                    moment = parse_timestamp(args[name])
-                except ValueError as error:
-                    raise ApiError(400, f"{name}: {error}") from None
-                if name == "to" and len(args[name].strip()) == 10:
-                    moment += timedelta(days=1)  # a date alone means the whole day
-                filters[key] = moment  # type: ignore[assignment]
+        """Operators' look-up of ratings by call, linked id, work order, agent, matter, department,
+        service record and rating time (SPEC R5.2), oldest first, phone masked (SPEC R5.1)."""
+        args = _query_args(request, {*RATING_FILTERS, "from", "to", "limit", "offset", "cursor"})
+        filters = {name: _text_arg(args, name) for name in RATING_FILTERS if name in args}
+        since = _time_arg(args, "from")
+        until = _time_arg(args, "to")
+        if not filters and since is None and until is None:
+            raise ApiError(400, f"give at least one of {', '.join(RATING_FILTERS)}, from, to")
+        if since is not None and until is not None and until <= since:
+            raise ApiError(400, "to must be later than from")
         limit = _int_arg(args, "limit", 100, 1, 1000)
-        offset = _int_arg(args, "offset", 0, 0, 10**9)
+        offset = _int_arg(args, "offset", 0, 0, 10**6)
+        cursor = _text_arg(args, "cursor") if "cursor" in args else None
+        if cursor is not None and offset:
+            raise ApiError(400, "give cursor or offset, not both")
 
-        def answer(rows: list[Any]) -> tuple[int, dict[str, Any]]:
-            return 200, {"ratings": [row.as_json() for row in rows], "limit": limit, "offset": offset}
+        def answer(page: queries.Page) -> tuple[int, dict[str, Any]]:
+            return 200, {
+                "ratings": [row.as_json() for row in page.items],
+                "limit": limit,
+                "offset": offset,
+                "nextCursor": page.next_cursor,
+                "next": _next_link(request, args, page.next_cursor),
+            }
 
-        return self.store.call("find_ratings", **filters, limit=limit, offset=offset).addCallback(answer)
+        return self._page(
+            queries.find_ratings_page,
+            filters,
+            since=since,
+            until=until,
+            limit=limit,
+            offset=offset,
+            cursor=cursor,
+        ).addCallback(answer)
+
+    def get_rating_contact(self, request: Request, principal: tuple[str, str], record_id: str) -> Any:
+        """SPEC R4.1, R5.1: a supervisor calls the citizen back; the view is audited."""
+        _query_args(request, set())
+        return self._contact(principal, rating_record_id=record_id)
+
+    def get_service_contact(self, request: Request, principal: tuple[str, str], id: str) -> Any:
+        _query_args(request, set())
+        return self._contact(principal, service_id=id)
+
+    def _contact(self, principal: tuple[str, str], **which: str) -> Any:
+        role, name = principal
+        what = "rating" if "rating_record_id" in which else "service record"
+        (value,) = which.values()
+
+        def answer(view: dict[str, Any] | None) -> tuple[int, dict[str, Any]]:
+            if view is None:
+                raise ApiError(404, f"no {what} with id {value!r}")
+            return 200, view
+
+        found = self.store.run(
+            queries.contact_view, self.store.store, actor=f"{role}:{name or '(unnamed token)'}", role=role, **which
+        )
+        return found.addCallback(answer)
+
+    def get_rejected(self, request: Request, principal: tuple[str, str]) -> Any:
+        """SPEC R7.2: records the platform refused as invalid, with its reason (admins)."""
+        args = _query_args(request, {"limit", "cursor"})
+        limit = _int_arg(args, "limit", 100, 1, 1000)
+        cursor = _text_arg(args, "cursor") if "cursor" in args else None
+
+        def answer(page: queries.Page) -> tuple[int, dict[str, Any]]:
+            return 200, {
+                "rejected": page.items,
+                "limit": limit,
+                "nextCursor": page.next_cursor,
+                "next": _next_link(request, args, page.next_cursor),
+            }
+
+        return self._page(queries.rejected_records_page, limit=limit, cursor=cursor).addCallback(answer)
+
+    def _page(self, query: Callable[..., queries.Page], *args: Any, **kwargs: Any) -> defer.Deferred[queries.Page]:
+        def bad_cursor(failure: Failure) -> None:
+            failure.trap(queries.BadCursor)
+            raise ApiError(400, str(failure.value))
+
+        return self.store.run(query, self.store.store, *args, **kwargs).addErrback(bad_cursor)
+
+    def get_reconciliation(self, request: Request, principal: tuple[str, str]) -> Any:
+        """SPEC R7.3: a day's totals per channel and level, stored, pushed and the platform's."""
+        from gateway.platform.reconcile import reconciliation_report
+
+        args = _query_args(request, {"date"})
+        if "date" not in args:
+            raise ApiError(400, "give date=YYYY-MM-DD (the assessTime date, Asia/Shanghai)")
+        try:
+            if not _DAY.match(args["date"]):
+                raise ValueError
+            day = date.fromisoformat(args["date"])
+        except ValueError:
+            raise ApiError(400, f"date {args['date']!r} is not a day; write it YYYY-MM-DD") from None
+        if self.config is None:
+            raise ApiError(404, "reconciliation is not available in this process")
+        # Blocking (store, and the platform over urllib): a store thread, never the reactor.
+        report = self.store.run(reconciliation_report, self.store.store, self.config, day)
+        return report.addCallback(lambda body: (200, body))
+
+    def get_metrics(self, request: Request) -> Any:
+        """Prometheus metrics: from loopback without a token, else with an admin or platform token."""
+        if self.metrics is None:
+            raise ApiError(404, "metrics are not available in this process")
+        _query_args(request, set())
+        if request.getHeader(b"authorization") is None and _is_loopback(request):
+            allowed: defer.Deferred[Any] = defer.succeed(None)
+        else:
+            allowed = self._authenticate(request, METRICS_ROLES)
+        metrics = self.metrics
+        from gateway.metrics import CONTENT_TYPE
+
+        allowed.addCallback(lambda _: metrics.scrape())
+        return allowed.addCallback(lambda text: (200, RawBody(text, CONTENT_TYPE)))
+
+
+def _is_loopback(request: Request) -> bool:
+    host = getattr(request.getClientAddress(), "host", None)
+    try:
+        return host is not None and ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _query_args(request: Request, known: set[str]) -> dict[str, str]:
+    """The query's parameters (the first of repeated ones); unknown ones are refused."""
+    args = {k.decode("utf-8", "replace"): v[0].decode("utf-8", "replace") for k, v in request.args.items() if v}
+    unknown = sorted(set(args) - known)
+    if unknown:
+        raise ApiError(400, f"unknown query parameter(s): {', '.join(unknown)}")
+    return args
+
+
+def _text_arg(args: dict[str, str], name: str) -> str:
+    value = args[name]
+    if not value or len(value) > 200 or _CONTROL.search(value):
+        raise ApiError(400, f"{name} must be 1 to 200 characters, none of them control characters")
+    return value
+
+
+def _time_arg(args: dict[str, str], name: str) -> datetime | None:
+    """``from`` (inclusive) or ``to``: a time (exclusive) or a date alone (that whole day, inclusive)."""
+    if name not in args:
+        return None
+    try:
+        moment = parse_timestamp(args[name])
+        if name == "to" and len(args[name].strip()) == 10:
+            moment += timedelta(days=1)  # a date alone means the whole day
+        if not 1900 <= moment.year <= 9000:
+            raise ValueError(f"{args[name]!r} is not a year between 1900 and 9000")
+    except (ValueError, OverflowError) as error:
+        raise ApiError(400, f"{name}: {error}") from None
+    return moment
+
+
+def _next_link(request: Request, args: dict[str, str], cursor: str | None) -> str | None:
+    if cursor is None:
+        return None
+    query = {k: v for k, v in args.items() if k not in ("cursor", "offset")}
+    query["cursor"] = cursor
+    path = "/" + "/".join(p.decode("utf-8", "replace") for p in request.prepath + request.postpath if p)
+    return f"{path}?{urllib.parse.urlencode(query)}"
 
 
 def _match(pattern: tuple[str, ...], parts: tuple[str, ...]) -> dict[str, str] | None:
@@ -340,6 +513,8 @@ def _match(pattern: tuple[str, ...], parts: tuple[str, ...]) -> dict[str, str] |
     params: dict[str, str] = {}
     for want, got in zip(pattern, parts, strict=True):
         if want.startswith("{"):
+            if len(got) > 200 or _CONTROL.search(got):
+                return None  # no id is like this
             params[want[1:-1]] = got
         elif want != got:
             return None
@@ -362,10 +537,10 @@ def _int_arg(args: dict[str, str], name: str, default: int, low: int, high: int)
     return value
 
 
-def make_site(api: GatewayApi, max_body_bytes: int) -> server.Site:
+def make_site(api: GatewayApi, max_body_bytes: int, reactor: Any = None) -> server.Site:
     """A Site whose requests refuse bodies over ``max_body_bytes``."""
     request_class = type("GatewayRequest", (BoundedRequest,), {"max_body_bytes": max_body_bytes})
-    site = server.Site(api, requestFactory=request_class)
+    site = server.Site(api, requestFactory=request_class, reactor=reactor)
     site.displayTracebacks = False
     site.noisy = False
     return site

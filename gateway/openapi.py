@@ -63,6 +63,117 @@ def _error_responses(*codes: int) -> dict[str, Any]:
     }
 
 
+_QUERY_TEXT = {"type": "string", "minLength": 1, "maxLength": 200}
+
+_CONTACT = {
+    "type": "object",
+    "required": ["serviceId", "kind", "mobile", "mobileMasked", "audited"],
+    "properties": {
+        "serviceId": {"type": "string"},
+        "kind": {"type": "string"},
+        "mobile": {"type": ["string", "null"], "description": "E.164, unmasked; null when none is known"},
+        "mobileMasked": {"type": ["string", "null"]},
+        "audited": {"type": "boolean", "const": True},
+        "recordId": {"type": "string"},
+        "level": {"type": "integer", "minimum": 1, "maximum": 5},
+    },
+}
+
+_REJECTED = {
+    "type": "object",
+    "required": ["recordId", "recordType", "reason", "attempts", "queuedAt"],
+    "properties": {
+        "recordId": {"type": "string"},
+        "recordType": {"type": "string", "enum": ["evaluation", "case"]},
+        "reason": {"type": "string", "description": "The platform's reason"},
+        "attempts": {"type": "integer"},
+        "queuedAt": {"type": "string", "format": "date-time"},
+    },
+}
+
+_COUNT_OR_NULL = {"type": ["integer", "null"]}
+_RECONCILIATION = {
+    "type": "object",
+    "required": ["date", "timezone", "rows", "totals", "pending", "rejected", "platform", "consistent"],
+    "properties": {
+        "date": {"type": "string", "format": "date"},
+        "timezone": {"type": "string"},
+        "rows": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["pf", "channel", "level", "stored", "pushed", "platform"],
+                "properties": {
+                    "pf": {"type": "string", "description": "PLATFORM.md channel code"},
+                    "channel": {"type": "string"},
+                    "level": {"type": "integer"},
+                    "levelName": {"type": ["string", "null"]},
+                    "stored": {"type": "integer"},
+                    "pushed": {"type": "integer"},
+                    "platform": _COUNT_OR_NULL,
+                },
+            },
+        },
+        "totals": {
+            "type": "object",
+            "required": ["stored", "pushed", "platform"],
+            "properties": {"stored": {"type": "integer"}, "pushed": {"type": "integer"}, "platform": _COUNT_OR_NULL},
+        },
+        "pending": {"type": "array", "items": {"type": "string"}, "description": "recordIds not yet acknowledged"},
+        "rejected": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["recordId", "reason"],
+                "properties": {"recordId": {"type": "string"}, "reason": {"type": "string"}},
+            },
+        },
+        "platform": {
+            "type": "object",
+            "required": ["status"],
+            "properties": {
+                "status": {"type": "string", "enum": ["ok", "not configured", "unavailable"]},
+                "error": {"type": ["string", "null"]},
+            },
+        },
+        "consistent": {"type": "boolean"},
+    },
+}
+
+_HEALTH = {
+    "type": "object",
+    "required": ["status", "components"],
+    "properties": {
+        "status": {"type": "string", "enum": ["ok", "degraded", "down"], "description": "The worst component's"},
+        "components": {
+            "type": "object",
+            "required": ["store"],
+            "additionalProperties": {
+                "type": "object",
+                "required": ["status"],
+                "properties": {"status": {"type": "string", "enum": ["ok", "degraded", "down"]}},
+            },
+        },
+    },
+}
+
+
+def _json_response(description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _page(name: str, item: dict[str, Any], *, offset: bool = False) -> dict[str, Any]:
+    properties: dict[str, Any] = {
+        name: {"type": "array", "items": item},
+        "limit": {"type": "integer"},
+        "nextCursor": {"type": ["string", "null"], "description": "Pass as cursor for the next page; null: last"},
+        "next": {"type": ["string", "null"], "description": "The next page's path and query; null: last page"},
+    }
+    if offset:
+        properties["offset"] = {"type": "integer"}
+    return {"type": "object", "required": [name, "limit", "nextCursor", "next"], "properties": properties}
+
+
 def build_openapi() -> dict[str, Any]:
     record_properties: dict[str, Any] = {
         name: {"type": ["string", "null"], "description": _FIELD_DOCS[name]} for name in ALL_FIELDS
@@ -96,8 +207,9 @@ def build_openapi() -> dict[str, Any]:
     }
     rating = {
         "type": "object",
+        "required": ["recordId", "level", "levelName", "channel", "isDefault", "isFollowUp", "isAttempt", "ratedAt"],
         "properties": {
-            "recordId": {"type": "string"},
+            "recordId": {"type": "string", "description": "The rating's stable id (PLATFORM.md recordId)"},
             "level": {
                 "type": "integer",
                 "minimum": 1,
@@ -113,7 +225,24 @@ def build_openapi() -> dict[str, Any]:
             "isFollowUp": {"type": "boolean"},
             "isAttempt": {"type": "boolean"},
             "ratedAt": {"type": "string", "format": "date-time"},
-            "service": {"type": "object"},
+            "service": {
+                "type": "object",
+                "description": "The rated service record; the phone only masked (SPEC R5.1)",
+                "properties": {
+                    name: {"type": "string"} if name in ("id", "kind") else {"type": ["string", "null"]}
+                    for name in (
+                        "id",
+                        "kind",
+                        "callId",
+                        "linkedId",
+                        "workOrder",
+                        "agentId",
+                        "matterCode",
+                        "departmentCode",
+                        "mobileMasked",
+                    )
+                },
+            },
         },
     }
     bearer = [{"bearer": []}]
@@ -122,25 +251,43 @@ def build_openapi() -> dict[str, Any]:
         "info": {
             "title": "好差评 evaluation gateway",
             "version": "1.0.0",
-            "description": "Service intake and operators' look-ups. Every /v1 route needs a bearer token "
+            "description": "Service intake, operators' look-ups, supervisors' audited call-back views, "
+            "reconciliation, health and metrics. Every /v1 route needs a bearer token "
             "(`gateway token create --role ROLE`). Roles: intake (service systems), operator, supervisor, "
-            "platform, admin (SPEC R5.2).",
+            "platform, admin (SPEC R5.2). Phones are masked (138****5678) everywhere but the call-back views "
+            "(SPEC R5.1).",
         },
         "servers": [{"url": "http://127.0.0.1:8080"}],
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-            "schemas": {"ServiceRecord": service_record, "IntakeResult": result, "Rating": rating, "Error": _ERROR},
+            "schemas": {
+                "ServiceRecord": service_record,
+                "IntakeResult": result,
+                "Rating": rating,
+                "Contact": _CONTACT,
+                "RejectedRecord": _REJECTED,
+                "Reconciliation": _RECONCILIATION,
+                "Health": _HEALTH,
+                "Error": _ERROR,
+            },
         },
         "paths": {
             "/health": {
                 "get": {
                     "summary": "Health of each component",
+                    "description": "The store (asked), and each component this process runs: agi (the FastAGI "
+                    "listener), pusher (platform reachability: last success and failure), smsc (the SMPP link). "
+                    "A component is ok, degraded (works with a problem that loses nothing, e.g. the platform "
+                    "cannot be reached: ratings wait in the outbox) or down.",
                     "responses": {
                         "200": {
-                            "description": "All components work",
-                            "content": {"application/json": {"schema": {"type": "object"}}},
+                            "description": "No component is down",
+                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Health"}}},
                         },
-                        **_error_responses(503),
+                        "503": {
+                            "description": "A component is down",
+                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Health"}}},
+                        },
                     },
                 }
             },
@@ -233,42 +380,121 @@ def build_openapi() -> dict[str, Any]:
                     },
                 }
             },
+            "/v1/service-records/{id}/contact": {
+                "get": {
+                    "summary": "Call-back view of a service record: the citizen's phone unmasked (supervisors)",
+                    "description": "SPEC R4.1, R5.1: only the supervisor role; every view is written to the audit "
+                    "log (who, which record; never the number) before the number is answered.",
+                    "security": bearer,
+                    "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}],
+                    "responses": {
+                        "200": _json_response("The contact, audited", {"$ref": "#/components/schemas/Contact"}),
+                        **_error_responses(400, 401, 403, 404),
+                    },
+                }
+            },
             "/v1/ratings": {
                 "get": {
-                    "summary": "Ratings linked to a call, work order, agent or service record (operators)",
+                    "summary": "Ratings by call, linked id, work order, agent, matter, department, service record "
+                    "or time (operators)",
+                    "description": "Every filter given must match; at least one filter, from or to. Oldest first. "
+                    "Paged: follow `next` (or pass `nextCursor` as `cursor`) until it is null; a cursor page never "
+                    "repeats or skips a rating when new ones arrive. `offset` is kept for small jumps. Phones are "
+                    "masked (SPEC R5.1).",
                     "security": bearer,
                     "parameters": [
                         {"name": name, "in": "query", "required": False, "schema": schema, "description": doc}
                         for name, schema, doc in (
-                            ("call_id", {"type": "string"}, "Asterisk unique id"),
-                            ("linked_id", {"type": "string"}, "Asterisk linked id"),
-                            ("work_order", {"type": "string"}, "Hotline work order"),
-                            ("agent", {"type": "string"}, "Agent id"),
-                            ("service_id", {"type": "string"}, "Service record id"),
-                            ("from", {"type": "string"}, "ISO 8601 time or date (inclusive)"),
+                            ("call_id", _QUERY_TEXT, "Asterisk unique id"),
+                            ("linked_id", _QUERY_TEXT, "Asterisk linked id"),
+                            ("work_order", _QUERY_TEXT, "Hotline work order (工单号)"),
+                            ("agent", _QUERY_TEXT, "Agent or window staff id"),
+                            ("matter", _QUERY_TEXT, "Matter code (事项编码)"),
+                            ("department", _QUERY_TEXT, "Department code"),
+                            ("service_id", _QUERY_TEXT, "Service record id"),
+                            (
+                                "from",
+                                {"type": "string"},
+                                "ISO 8601 time or date (inclusive); Beijing time if no offset",
+                            ),
                             ("to", {"type": "string"}, "ISO 8601 time (exclusive) or date (inclusive)"),
-                            ("limit", {"type": "integer", "minimum": 1, "maximum": 1000}, "Page size"),
-                            ("offset", {"type": "integer", "minimum": 0}, "Page start"),
+                            ("limit", {"type": "integer", "minimum": 1, "maximum": 1000}, "Page size (default 100)"),
+                            ("cursor", _QUERY_TEXT, "The nextCursor of the page before"),
+                            ("offset", {"type": "integer", "minimum": 0, "maximum": 1000000}, "Rows to skip"),
                         )
                     ],
                     "responses": {
+                        "200": _json_response(
+                            "Matching ratings, oldest first",
+                            _page("ratings", {"$ref": "#/components/schemas/Rating"}, offset=True),
+                        ),
+                        **_error_responses(400, 401, 403),
+                    },
+                }
+            },
+            "/v1/ratings/{recordId}/contact": {
+                "get": {
+                    "summary": "Call-back view of a rating: the citizen's phone unmasked (supervisors)",
+                    "description": "SPEC R4.1, R5.1: only the supervisor role; every view is written to the audit "
+                    "log (who, which rating; never the number) before the number is answered.",
+                    "security": bearer,
+                    "parameters": [{"name": "recordId", "in": "path", "required": True, "schema": {"type": "string"}}],
+                    "responses": {
+                        "200": _json_response("The contact, audited", {"$ref": "#/components/schemas/Contact"}),
+                        **_error_responses(400, 401, 403, 404),
+                    },
+                }
+            },
+            "/v1/outbox/rejected": {
+                "get": {
+                    "summary": "Records the central platform rejected as invalid, with its reason (admins)",
+                    "description": "SPEC R7.2: set aside, never retried unchanged. Paged like /v1/ratings.",
+                    "security": bearer,
+                    "parameters": [
+                        {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+                        {"name": "cursor", "in": "query", "schema": _QUERY_TEXT},
+                    ],
+                    "responses": {
+                        "200": _json_response(
+                            "Rejected records, oldest first",
+                            _page("rejected", {"$ref": "#/components/schemas/RejectedRecord"}),
+                        ),
+                        **_error_responses(400, 401, 403),
+                    },
+                }
+            },
+            "/v1/reconciliation": {
+                "get": {
+                    "summary": "A day's totals per channel and level: stored, pushed, and the platform's",
+                    "description": "SPEC R7.3 (roles admin, supervisor, platform). The day is the assessTime date "
+                    "in Asia/Shanghai. The platform is asked for its counts when [platform] is configured; "
+                    "`platform.status` says whether it answered. Same figures as `gateway reconcile --json`.",
+                    "security": bearer,
+                    "parameters": [
+                        {
+                            "name": "date",
+                            "in": "query",
+                            "required": True,
+                            "schema": {"type": "string", "format": "date"},
+                            "description": "YYYY-MM-DD",
+                        }
+                    ],
+                    "responses": {
+                        "200": _json_response("The day compared", {"$ref": "#/components/schemas/Reconciliation"}),
+                        **_error_responses(400, 401, 403),
+                    },
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics (text exposition format)",
+                    "description": "Without a token from loopback only; from elsewhere with an admin or platform "
+                    "token. See docs/operations.md for the list.",
+                    "security": [{}, {"bearer": []}],
+                    "responses": {
                         "200": {
-                            "description": "Matching ratings, oldest first",
-                            "content": {
-                                "application/json": {
-                                    "schema": {
-                                        "type": "object",
-                                        "properties": {
-                                            "ratings": {
-                                                "type": "array",
-                                                "items": {"$ref": "#/components/schemas/Rating"},
-                                            },
-                                            "limit": {"type": "integer"},
-                                            "offset": {"type": "integer"},
-                                        },
-                                    }
-                                }
-                            },
+                            "description": "The metrics",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
                         },
                         **_error_responses(400, 401, 403),
                     },

@@ -24,6 +24,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from sqlalchemy import event
@@ -237,6 +238,7 @@ class PushStats:
     failures: int = 0
     consecutive_failures: int = 0
     last_success: float | None = None
+    last_failure: float | None = None
     last_error: str | None = None
     by_status: dict[str, int] = field(default_factory=dict)
 
@@ -290,6 +292,8 @@ class Pusher(service.Service):
         self._woken = False
         self._commits_from = commits_from
         self._listeners: list[tuple[str, Callable[..., None]]] = []
+        #: Called with (seconds, outcome) after every POST: the HTTP status, or "error" (metrics).
+        self.request_observers: list[Callable[[float, str], None]] = []
 
     # -- service -------------------------------------------------------------------------------
 
@@ -351,13 +355,16 @@ class Pusher(service.Service):
             event.listen(engine, name, listener)
 
     def state(self) -> dict[str, Any]:
-        """The pusher's state for the health report."""
+        """The pusher's state for the health report: platform reachability, last success and failure."""
         backing_off = self._paused_until > self.clock.seconds()
         return {
             "status": "backing_off" if backing_off else "ok",
             "pushed": self.stats.pushed,
             "rejected": self.stats.rejected,
+            "requests": self.stats.requests,
             "consecutiveFailures": self.stats.consecutive_failures,
+            "lastSuccess": _iso(self.stats.last_success),
+            "lastFailure": _iso(self.stats.last_failure),
             "lastError": self.stats.last_error,
         }
 
@@ -477,16 +484,20 @@ class Pusher(service.Service):
         ids = [record_id for record_id, _ in part]
         body = batch_body(self.app_id, batch_id, [encoded for _, encoded in part])
         self.stats.requests += 1
+        started = self.clock.seconds()
         try:
             answer = await self.client.post_batch(body)
         except Exception as error:
-            self._count("error")
+            self._count("error", started)
             return batch_id, judge(ids, None, error=type(error).__name__)
-        self._count(str(answer.status))
+        self._count(str(answer.status), started)
         return batch_id, judge(ids, answer.status, answer.body, parse_retry_after(answer.retry_after))
 
-    def _count(self, status: str) -> None:
+    def _count(self, status: str, started: float) -> None:
         self.stats.by_status[status] = self.stats.by_status.get(status, 0) + 1
+        elapsed = max(self.clock.seconds() - started, 0.0)
+        for observe in self.request_observers:
+            observe(elapsed, status)
 
     async def _settle(self, batch_id: str, verdict: Acknowledged) -> None:
         failures = self.backoff.success()
@@ -521,6 +532,7 @@ class Pusher(service.Service):
         self._pause(delay)
         self.stats.failures += 1
         self.stats.consecutive_failures += 1
+        self.stats.last_failure = self.clock.seconds()
         self.stats.last_error = verdict.reason
         if verdict.auth:
             log.error(
@@ -561,6 +573,10 @@ class Pusher(service.Service):
             log.warning("event=platform.lease_lost records=%d", len(ids) - len(held))
         kept = (list(p for p in part if p[0] in held) for part in queue)
         return deque(part for part in kept if part)
+
+
+def _iso(seconds: float | None) -> str | None:
+    return None if seconds is None else datetime.fromtimestamp(seconds, UTC).isoformat(timespec="seconds")
 
 
 def build_pusher(config: Config, reactor: Any, store: StoreRunner) -> Pusher:
