@@ -253,6 +253,7 @@ class SmsConfig:
     extension_digits: int = _opt(_positive_int)
     max_attempts: int = _opt(_positive_int)
     retry_delay: float = _opt(parse_duration)
+    delivery_receipts: bool = _opt(_parse_bool)
 
 
 @dataclass(frozen=True)

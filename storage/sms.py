@@ -21,10 +21,10 @@ import hashlib
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, exists, func, insert, or_, select, update
+from sqlalchemy import and_, bindparam, delete, exists, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
@@ -433,10 +433,28 @@ class SmsStore:
         ]
         complete = [ack.message_id for ack in acks if ack.complete]
         with self.store.engine.begin() as connection:
-            statement = self._insert(message_parts).on_conflict_do_nothing(
-                index_elements=["message_id", "attempt", "seq"]
+            # The hot path of sending: one executemany at the driver, without per-row type
+            # processing (the time is stored as UTC, as UTCDateTime would store it).
+            at = _driver_time(connection, now)
+            mark = "?" if connection.dialect.paramstyle == "qmark" else "%s"
+            connection.exec_driver_sql(
+                "INSERT INTO message_parts (message_id, attempt, seq, total, smsc_id, smsc_id_raw, status,"
+                f" submitted_at) VALUES ({', '.join([mark] * 8)})"
+                " ON CONFLICT (message_id, attempt, seq) DO NOTHING",
+                [
+                    (
+                        row["message_id"],
+                        row["attempt"],
+                        row["seq"],
+                        row["total"],
+                        row["smsc_id"],
+                        row["smsc_id_raw"],
+                        "submitted",
+                        at,
+                    )
+                    for row in rows
+                ],
             )
-            connection.execute(statement, rows)
             for chunk in _chunks(complete):
                 connection.execute(
                     update(messages)
@@ -506,104 +524,170 @@ class SmsStore:
         """Keep receipts in one transaction (a group commit) and apply each to its part (SPEC R3.7).
 
         Returns matched | unmatched | repeat for each; a repeat is the same id and state again.
+        A handful of statements per batch, not per receipt: receipts come as fast as submits.
         """
         now = now or utcnow()
         q = sms_inbox.c
         outcomes: list[str] = []
         with self.store.engine.begin() as connection:
-            batch_keys: set[str] = set()
-            for smsc_id, state, error in receipts:
-                normal = normalise_message_id(smsc_id)[:64]
-                key = f"receipt:{normal}:{state.value}"
-                seen = (
-                    key in batch_keys
-                    or connection.execute(
-                        select(q.id).where(q.smsc_id == normal, q.kind == "receipt", q.dedupe_key == key).limit(1)
-                    ).first()
-                    is not None
+            normals = [normalise_message_id(smsc_id)[:64] for smsc_id, _, _ in receipts]
+            seen: set[str] = set()
+            for chunk in _chunks(sorted(set(normals))):
+                seen.update(
+                    connection.execute(select(q.dedupe_key).where(q.smsc_id.in_(chunk), q.kind == "receipt")).scalars()
                 )
-                if seen:
+            fresh: list[tuple[int, str, DeliveryState, str | None, str]] = []
+            for index, ((smsc_id, state, error), normal) in enumerate(zip(receipts, normals, strict=True)):
+                key = f"receipt:{normal}:{state.value}"
+                if key in seen:
                     outcomes.append("repeat")
                     continue
-                batch_keys.add(key)
-                inbox_id = connection.execute(
-                    insert(sms_inbox).values(
-                        kind="receipt",
-                        status="pending",
-                        dedupe_key=key,
-                        smsc_id=normal,
-                        receipt_state=state.value,
-                        error=error,
-                        body=smsc_id[:100],
-                        received_at=now,
-                    )
-                ).inserted_primary_key[0]
-                matched = self._apply_receipts(connection, [(inbox_id, smsc_id, state, error)], now)
-                outcomes.append("matched" if matched else "unmatched")
+                seen.add(key)
+                outcomes.append("")
+                fresh.append((index, smsc_id, state, error, normal))
+            if not fresh:
+                return outcomes
+            parts = self._parts_by_id(connection, [smsc_id for _, smsc_id, _, _, _ in fresh])
+            rows = []
+            matched: list[tuple[Any, DeliveryState, str | None]] = []
+            for index, smsc_id, state, error, normal in fresh:
+                part = next((parts[c] for c in candidate_ids(smsc_id) if c in parts), None)
+                outcomes[index] = "matched" if part is not None else "unmatched"
+                if part is not None:
+                    matched.append((part, state, error))
+                rows.append(
+                    {
+                        "kind": "receipt",
+                        "status": "done" if part is not None else "unmatched",
+                        "dedupe_key": f"receipt:{normal}:{state.value}",
+                        "smsc_id": normal,
+                        "receipt_state": state.value,
+                        "error": error,
+                        "body": smsc_id[:100],
+                        "received_at": now,
+                    }
+                )
+            connection.execute(insert(sms_inbox), rows)
+            self._settle_parts(connection, matched, now)
         return outcomes
 
+    def _parts_by_id(self, connection: Connection, smsc_ids: Iterable[str]) -> dict[str, Any]:
+        """The latest part under each candidate form of each id."""
+        p = message_parts.c
+        wanted = sorted({candidate for smsc_id in smsc_ids for candidate in candidate_ids(smsc_id)})
+        found: dict[str, Any] = {}
+        for chunk in _chunks(wanted):
+            for row in connection.execute(
+                select(p.id, p.message_id, p.attempt, p.total, p.smsc_id, p.submitted_at).where(p.smsc_id.in_(chunk))
+            ):
+                current = found.get(row.smsc_id)
+                if current is None or (row.submitted_at, row.id) > (current.submitted_at, current.id):
+                    found[row.smsc_id] = row
+        return found
+
     def _match_waiting_receipts(self, connection: Connection, smsc_ids: list[str], now: datetime) -> None:
+        """Receipts that came before their part's mapping was kept: apply them now."""
         q = sms_inbox.c
-        wanted = set()
-        for smsc_id in smsc_ids:
-            wanted.update(candidate_ids(smsc_id))
+        any_waiting = connection.execute(
+            select(q.id).where(q.kind == "receipt", q.status == "unmatched").limit(1)
+        ).first()
+        if any_waiting is None:  # the usual case: answers are kept before their receipts
+            return
+        wanted = sorted({candidate for smsc_id in smsc_ids for candidate in candidate_ids(smsc_id)})
         waiting = []
-        for chunk in _chunks(sorted(wanted)):
+        for chunk in _chunks(wanted):
             waiting.extend(
                 connection.execute(
                     select(q.id, q.body, q.receipt_state, q.error).where(
-                        q.kind == "receipt", q.status == "unmatched", q.smsc_id.in_(chunk)
+                        q.smsc_id.in_(chunk), q.kind == "receipt", q.status == "unmatched"
                     )
                 ).all()
             )
-        if waiting:
-            self._apply_receipts(connection, [(row[0], row[1], DeliveryState(row[2]), row[3]) for row in waiting], now)
+        if not waiting:
+            return
+        parts = self._parts_by_id(connection, [row.body for row in waiting])
+        matched = []
+        done = []
+        for row in waiting:
+            part = next((parts[c] for c in candidate_ids(row.body) if c in parts), None)
+            if part is not None:
+                matched.append((part, DeliveryState(row.receipt_state), row.error))
+                done.append(row.id)
+        for chunk in _chunks(done):
+            connection.execute(update(sms_inbox).where(q.id.in_(chunk)).values(status="done"))
+        self._settle_parts(connection, matched, now)
 
-    def _apply_receipts(
-        self, connection: Connection, receipts: list[tuple[int, str, DeliveryState, str | None]], now: datetime
-    ) -> int:
-        p, q, m = message_parts.c, sms_inbox.c, messages.c
-        matched = 0
-        for inbox_id, smsc_id, state, error in receipts:
-            part = None
-            for candidate in candidate_ids(smsc_id):
-                part = connection.execute(
-                    select(p.id, p.message_id, p.attempt)
-                    .where(p.smsc_id == candidate)
-                    .order_by(p.submitted_at.desc(), p.id.desc())
-                    .limit(1)
-                ).first()
-                if part is not None:
-                    break
-            if part is None:
-                connection.execute(update(sms_inbox).where(q.id == inbox_id).values(status="unmatched"))
-                continue
-            matched += 1
-            connection.execute(update(sms_inbox).where(q.id == inbox_id).values(status="done"))
-            if not state.is_final:
-                connection.execute(update(message_parts).where(p.id == part[0]).values(receipt_state=state.value))
-                continue
-            status = "failed" if state.is_failure else "delivered"
+    def _settle_parts(
+        self, connection: Connection, matched: list[tuple[Any, DeliveryState, str | None]], now: datetime
+    ) -> None:
+        """Record each part's receipt; a message is delivered when all its parts are, retried when one failed."""
+        if not matched:
+            return
+        p, m = message_parts.c, messages.c
+        final = [(part, state, error) for part, state, error in matched if state.is_final]
+        interim = [(part, state) for part, state, _ in matched if not state.is_final]
+        if interim:
             connection.execute(
-                update(message_parts)
-                .where(p.id == part[0])
-                .values(status=status, receipt_state=state.value, error=error, receipt_at=now)
+                update(message_parts).where(p.id == bindparam("part_id")).values(receipt_state=bindparam("state")),
+                [{"part_id": part.id, "state": state.value} for part, state in interim],
             )
-            message_id, attempt = part[1], part[2]
-            current = connection.execute(select(m.status, m.attempts).where(m.id == message_id)).first()
-            if current is None or current[1] != attempt or current[0] not in ("submitted", "queued"):
-                continue
-            if status == "failed":
-                self._fail_attempt(connection, message_id, f"receipt:{state.value}:{error or ''}", now)
-                continue
-            parts = connection.execute(
-                select(p.status, p.total).where(p.message_id == message_id, p.attempt == attempt)
-            ).all()
-            if parts and len(parts) == parts[0][1] and all(row[0] == "delivered" for row in parts):
-                connection.execute(
-                    update(messages).where(m.id == message_id).values(status="delivered", updated_at=now)
-                )
-        return matched
+        if not final:
+            return
+        connection.execute(
+            update(message_parts)
+            .where(p.id == bindparam("part_id"))
+            .values(
+                status=bindparam("new_status"),
+                receipt_state=bindparam("state"),
+                error=bindparam("err"),
+                receipt_at=now,
+            ),
+            [
+                {
+                    "part_id": part.id,
+                    "new_status": "failed" if state.is_failure else "delivered",
+                    "state": state.value,
+                    "err": error,
+                }
+                for part, state, error in final
+            ],
+        )
+        failed = {
+            part.message_id: f"receipt:{state.value}:{error or ''}" for part, state, error in final if state.is_failure
+        }
+        touched = {(part.message_id, part.attempt) for part, _, _ in final}
+        ids = sorted({message_id for message_id, _ in touched})
+        current: dict[int, tuple[str, int]] = {}
+        for chunk in _chunks(ids):
+            for message_id, status, attempts in connection.execute(
+                select(m.id, m.status, m.attempts).where(m.id.in_(chunk))
+            ):
+                current[message_id] = (status, attempts)
+        live = {
+            (message_id, attempt)
+            for message_id, attempt in touched
+            if message_id in current
+            and current[message_id][1] == attempt
+            and current[message_id][0] in ("submitted", "queued")
+        }
+        for message_id, _ in sorted(live):
+            if message_id in failed:
+                self._fail_attempt(connection, message_id, failed[message_id], now)
+        candidates = sorted(message_id for message_id, _ in live if message_id not in failed)
+        delivered = []
+        for chunk in _chunks(candidates):
+            states: dict[int, list[tuple[str, int, int]]] = {}
+            for message_id, attempt, status, total in connection.execute(
+                select(p.message_id, p.attempt, p.status, p.total).where(p.message_id.in_(chunk))
+            ):
+                states.setdefault(message_id, []).append((status, attempt, total))
+            for message_id in chunk:
+                attempt = current[message_id][1]
+                mine = [(status, total) for status, a, total in states.get(message_id, []) if a == attempt]
+                if mine and len(mine) == mine[0][1] and all(status == "delivered" for status, _ in mine):
+                    delivered.append(message_id)
+        for chunk in _chunks(delivered):
+            connection.execute(update(messages).where(m.id.in_(chunk)).values(status="delivered", updated_at=now))
 
     # -- replies (SPEC R3.5, R3.6, R3.8) -------------------------------------------------------
 
@@ -853,6 +937,14 @@ def concat_reference(message_id: int, attempt: int) -> int:
     every 256 messages), and a retry differs from the attempt before.
     """
     return (message_id + 97 * attempt) & 0xFF
+
+
+def _driver_time(connection: Connection, moment: datetime) -> Any:
+    """``moment`` as the driver takes it for a UTCDateTime column (naive UTC; text on SQLite)."""
+    naive = moment.astimezone(UTC).replace(tzinfo=None)
+    if connection.dialect.name == "sqlite":
+        return naive.strftime("%Y-%m-%d %H:%M:%S.%f")
+    return naive
 
 
 def _chunks(values: Sequence[Any], size: int = 500) -> Iterable[list[Any]]:

@@ -328,3 +328,14 @@ def test_two_instances_never_do_a_step_or_claim_a_message_twice(store: Store) ->
         assert connection.execute(select(func.count()).select_from(messages)).scalar() == 60
     assert not set(claimed[0]) & set(claimed[1])
     assert len(claimed[0]) + len(claimed[1]) == 60
+
+
+def test_acknowledgements_written_at_the_driver_read_back_as_the_same_time(store: Store, sms: SmsStore) -> None:
+    done = shanghai(2026, 11, 23, 10, 0)
+    complete(store, "M-1", done)
+    invite(sms, done + timedelta(minutes=2))
+    [out] = sms.claim_messages("a", 10, lease=60)
+    at = shanghai(2026, 11, 23, 10, 2, 3, 456789)
+    sms.record_acks([Ack(out.id, 0, 1, 2, "00AbC", False)], now=at)
+    [part] = rows(store, message_parts)
+    assert part["submitted_at"] == at and part["smsc_id"] == "abc" and part["smsc_id_raw"] == "00AbC"

@@ -20,6 +20,7 @@ class SmsSettings:
     extension_digits: int = 4
     max_attempts: int = 3
     retry_delay: timedelta = timedelta(minutes=10)
+    delivery_receipts: bool = True  # ask the SMSC for a receipt per part (SPEC R3.7)
     schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
     rules: ReplyRules = field(default_factory=ReplyRules)
 
@@ -31,6 +32,7 @@ class SmsSettings:
             extension_digits=config.sms.extension_digits,
             max_attempts=config.sms.max_attempts,
             retry_delay=timedelta(seconds=config.sms.retry_delay),
+            delivery_receipts=config.sms.delivery_receipts,
             schedule=ScheduleSettings.from_config(config.sms),
             rules=ReplyRules(key_map=config.agi.key_map),
         )

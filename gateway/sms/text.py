@@ -17,6 +17,7 @@ Pure code: no sockets, no clock; the time is always an argument.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -178,9 +179,12 @@ class Part:
         return ESM_CLASS_UDHI if self.concatenation else 0
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def ucs2_units(text: str) -> int:
     """How many UTF-16 code units ``text`` takes: 2 for a character beyond the BMP (most emoji)."""
-    return sum(2 if ord(char) > 0xFFFF else 1 for char in text)
+    return len(text.encode("utf-16-be", "surrogatepass")) // 2
 
 
 def encode_ucs2_parts(text: str, reference: int, *, sixteen_bit: bool = False) -> list[Part]:
@@ -191,7 +195,7 @@ def encode_ucs2_parts(text: str, reference: int, *, sixteen_bit: bool = False) -
     character that would not fit whole, so a surrogate pair is never split. ``reference`` is
     the caller's (see :func:`next_reference`); it is ignored for a single part.
     """
-    if any(0xD800 <= ord(char) <= 0xDFFF for char in text):
+    if _LONE_SURROGATE.search(text):
         raise ValueError("The text holds a lone surrogate, which UCS-2 cannot carry; fix the text's source.")
     if ucs2_units(text) <= SINGLE_PART_UNITS:
         return [Part(text.encode("utf-16-be"))]
