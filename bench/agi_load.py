@@ -2,14 +2,19 @@
 
     .venv/bin/python bench/agi_load.py                    # concurrency 1, 50, 500
     .venv/bin/python bench/agi_load.py --concurrency 500 --calls 5000
+    .venv/bin/python bench/agi_load.py --placement unpinned pinned   # both, side by side
 
 Plays Asterisk's side with the simulated channel of ``gateway.testing.asterisk`` (faithful to
 the recorded transcripts) for many concurrent calls with a mix of paths: key during the
 prompt, key after it, invalid then valid, no key at all, hang-up during the prompt, key then
 hang-up. Both servers run as their own processes; this process is the load generator.
 
-Reported per server and concurrency: rated calls/s and all calls/s, and the command round
-trip (from Asterisk's answer to the program's next command, p50/p99). Checked: every key the
+Reported per server and concurrency: rated calls/s and all calls/s, the command round trip
+(from Asterisk's answer to the program's next command, p50/p99), and the CPU time per call of
+the server process (all its threads) and of the load generator. ``--placement pinned`` puts
+the server on CPU 0 and the generator on CPU 1 (``sched_setaffinity``), so that the
+generator's own delays cannot show up in the server's round trip; ``unpinned`` lets the
+kernel place both. Checked: every key the
 simulated Asterisk delivered to a GET OPTION is the rating stored (the gateway: read back from
 its SQLite store; the reference: the dict it dumps on SIGTERM), and nothing else was stored.
 """
@@ -30,7 +35,7 @@ import sys
 import tempfile
 import time
 import wave
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,6 +87,26 @@ def wait_for_port(port: int, process: subprocess.Popen[bytes], limit: float = 30
     raise SystemExit(f"nothing listens on {port} after {limit} s")
 
 
+#: CPUs of each process by placement: (server, load generator); None lets the kernel choose.
+PLACEMENTS: dict[str, tuple[set[int] | None, set[int] | None]] = {
+    "unpinned": (None, None),
+    "pinned": ({0}, {1}),
+}
+
+
+def on_cpus(cpus: set[int] | None) -> object:
+    """A ``preexec_fn`` that pins the child (and every thread it starts) to ``cpus``."""
+    if cpus is None:
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads, so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class Server:
     name: str
@@ -106,7 +131,7 @@ class Server:
         self.process.wait(timeout=60)
 
 
-def start_gateway(workdir: Path) -> Server:
+def start_gateway(workdir: Path, cpus: set[int] | None) -> Server:
     port = free_port()
     env = {
         **os.environ,
@@ -121,21 +146,36 @@ def start_gateway(workdir: Path) -> Server:
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=(workdir / "gateway.log").open("wb"),
+        preexec_fn=on_cpus(cpus),
     )
     wait_for_port(port, process)
     return Server("gateway", port, process, workdir)
 
 
-def start_reference(workdir: Path) -> Server:
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, str(REPO / "bench" / "peers" / "pyst2_fastagi.py"), str(port), str(workdir / "results.json")],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=(workdir / "reference.log").open("wb"),
-    )
-    wait_for_port(port, process)
-    return Server("pyst2 reference", port, process, workdir)
+def start_peer(script: str, name: str) -> Callable[[Path, set[int] | None], Server]:
+    """A reference peer of ``bench/peers``: ``script PORT RESULTS.json``, ratings dumped on SIGTERM."""
+
+    def start(workdir: Path, cpus: set[int] | None) -> Server:
+        port = free_port()
+        process = subprocess.Popen(
+            [sys.executable, str(REPO / "bench" / "peers" / script), str(port), str(workdir / "results.json")],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=(workdir / "peer.log").open("wb"),
+            preexec_fn=on_cpus(cpus),
+        )
+        wait_for_port(port, process)
+        return Server(name, port, process, workdir)
+
+    return start
+
+
+#: The servers a run can compare: option name → (label, how to start it).
+SERVERS: dict[str, tuple[str, Callable[[Path, set[int] | None], Server]]] = {
+    "gateway": ("gateway", start_gateway),
+    "pyst2": ("pyst2 reference", start_peer("pyst2_fastagi.py", "pyst2 reference")),
+    "asyncio": ("asyncio floor", start_peer("asyncio_fastagi.py", "asyncio floor")),
+}
 
 
 @dataclass
@@ -145,6 +185,8 @@ class LoadResult:
     delivered: dict[str, str]  # call id → key that reached a GET OPTION of the rating menu
     round_trips_ms: list[float]
     failures: int
+    driver_cpu: float = 0.0  # CPU seconds of the load generator
+    server_cpu: float = 0.0  # CPU seconds of the server process during the load
 
     @property
     def rated(self) -> int:
@@ -202,22 +244,28 @@ def run_load(
             yield one(index)
 
     started = time.perf_counter()
+    cpu_started = time.process_time()
     work = calls_iter()
     cooperator = task.Cooperator()
     runners = [cooperator.coiterate(work) for _ in range(concurrency)]
 
     def done(_: object) -> LoadResult:
         out.seconds = time.perf_counter() - started
+        out.driver_cpu = time.process_time() - cpu_started
         return out
 
     return defer.gatherResults(runners).addCallback(done)
 
 
-def measure(server_factory: object, calls: int, concurrency: int, seed: int) -> tuple[LoadResult, dict[str, str]]:
+def measure(
+    server_factory: object, calls: int, concurrency: int, seed: int, placement: str
+) -> tuple[LoadResult, dict[str, str]]:
     """Start a server, load it in a child process's reactor, stop it, read back what it stored."""
+    server_cpus, driver_cpus = PLACEMENTS[placement]
     with tempfile.TemporaryDirectory() as tmp:
-        server = server_factory(Path(tmp))  # type: ignore[operator]
+        server = server_factory(Path(tmp), server_cpus)  # type: ignore[operator]
         try:
+            cpu_before = cpu_seconds(server.process.pid)
             result = subprocess.run(
                 [
                     sys.executable,
@@ -235,11 +283,21 @@ def measure(server_factory: object, calls: int, concurrency: int, seed: int) -> 
                 text=True,
                 check=True,
                 timeout=1800,
+                preexec_fn=on_cpus(driver_cpus),
             )
+            server_cpu = cpu_seconds(server.process.pid) - cpu_before
         finally:
             server.stop()
         data = json.loads(result.stdout)
-        load = LoadResult(data["calls"], data["seconds"], data["delivered"], data["round_trips_ms"], data["failures"])
+        load = LoadResult(
+            data["calls"],
+            data["seconds"],
+            data["delivered"],
+            data["round_trips_ms"],
+            data["failures"],
+            data["driver_cpu"],
+            server_cpu,
+        )
         return load, server.stored()
 
 
@@ -266,6 +324,7 @@ def drive(port: int, calls: int, concurrency: int, seed: int) -> None:
                 "delivered": load.delivered,
                 "round_trips_ms": load.round_trips_ms,
                 "failures": load.failures,
+                "driver_cpu": load.driver_cpu,
             }
         )
     )
@@ -282,6 +341,20 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="*", default=[1, 50, 500])
     parser.add_argument("--calls", type=int, default=0, help="calls per level (default: 200 × concurrency, ≤ 10000)")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--placement",
+        nargs="*",
+        choices=sorted(PLACEMENTS),
+        default=["unpinned"],
+        help="unpinned: the kernel places server and generator; pinned: server on CPU 0, generator on CPU 1",
+    )
+    parser.add_argument(
+        "--servers",
+        nargs="*",
+        choices=list(SERVERS),
+        default=["gateway", "pyst2"],
+        help="what to load, one after the other (asyncio: a bare asyncio handler, the floor of this machine)",
+    )
     parser.add_argument("--drive", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.drive:
@@ -289,27 +362,36 @@ def main() -> None:
         return
     print(f"FastAGI load, time scale {TIME_SCALE} (prompts and caller timing 100x faster than life)")
     print(
-        f"{'server':<16} {'conc':>5} {'calls':>6} {'rated':>6} {'calls/s':>8} {'rated/s':>8} "
-        f"{'rtt p50':>8} {'rtt p99':>8}  check"
+        f"{'server':<16} {'placement':<9} {'conc':>5} {'calls':>6} {'rated':>6} {'calls/s':>8} {'rated/s':>8} "
+        f"{'rtt p50':>8} {'rtt p99':>8} {'srv cpu':>8} {'gen cpu':>8}  check"
     )
     exit_status = 0
     for concurrency in args.concurrency:
         calls = args.calls or min(10_000, max(200, 200 * concurrency))
-        for name, factory in (("gateway", start_gateway), ("pyst2 reference", start_reference)):
-            load, stored = measure(factory, calls, concurrency, args.seed)
-            wrong = {k for k in load.delivered if stored.get(k) != load.delivered[k]}
-            extra = set(stored) - set(load.delivered)
-            ok = not wrong and not extra
-            exit_status |= 0 if ok or name != "gateway" else 1
-            check = "ok: every delivered key stored" if ok else f"LOST/WRONG {len(wrong)}, EXTRA {len(extra)}"
-            print(
-                f"{name:<16} {concurrency:>5} {load.calls:>6} {load.rated:>6} {load.calls / load.seconds:>8.0f} "
-                f"{load.rated / load.seconds:>8.0f} {percentile(load.round_trips_ms, 50):>6.1f}ms "
-                f"{percentile(load.round_trips_ms, 99):>6.1f}ms  {check}"
-                + (f" (failures {load.failures})" if load.failures else ""),
-                flush=True,
-            )
+        for placement in args.placement:
+            exit_status |= compare(args.servers, calls, concurrency, args.seed, placement)
     sys.exit(exit_status)
+
+
+def compare(servers: list[str], calls: int, concurrency: int, seed: int, placement: str) -> int:
+    """One level, each server in turn; 1 if the gateway lost or invented a rating."""
+    exit_status = 0
+    for name, factory in (SERVERS[server] for server in servers):
+        load, stored = measure(factory, calls, concurrency, seed, placement)
+        wrong = {k for k in load.delivered if stored.get(k) != load.delivered[k]}
+        extra = set(stored) - set(load.delivered)
+        ok = not wrong and not extra
+        exit_status |= 0 if ok or name != "gateway" else 1
+        check = "ok: every delivered key stored" if ok else f"LOST/WRONG {len(wrong)}, EXTRA {len(extra)}"
+        print(
+            f"{name:<16} {placement:<9} {concurrency:>5} {load.calls:>6} {load.rated:>6} "
+            f"{load.calls / load.seconds:>8.0f} {load.rated / load.seconds:>8.0f} "
+            f"{percentile(load.round_trips_ms, 50):>6.1f}ms {percentile(load.round_trips_ms, 99):>6.1f}ms "
+            f"{load.server_cpu / load.calls * 1000:>6.2f}ms {load.driver_cpu / load.calls * 1000:>6.2f}ms  {check}"
+            + (f" (failures {load.failures})" if load.failures else ""),
+            flush=True,
+        )
+    return exit_status
 
 
 if __name__ == "__main__":

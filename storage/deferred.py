@@ -7,6 +7,9 @@ for the calls already accepted, so a SIGTERM loses nothing that was acknowledged
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
 
@@ -17,6 +20,8 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from storage.store import Store
+
+log = logging.getLogger("storage.deferred")
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -64,6 +69,10 @@ class DeferredStore(Service):
         deferred.addBoth(forget)
         return deferred
 
+    def call_from_thread(self, function: Callable[..., Any], *args: Any) -> None:
+        """From a store thread: call ``function(*args)`` in the reactor thread, in order of asking."""
+        self._reactor.callFromThread(function, *args)
+
     def call(self, method: str, *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
         """Call a :class:`Store` method by name in a store thread."""
         return self.run(getattr(self.store, method), *args, **kwargs)
@@ -76,41 +85,76 @@ class GroupWriter:
     ending together) one commit carries many writes, which is what lets a single SQLite
     writer keep up. Each caller still gets its own result or error (see
     :meth:`storage.store.Store.write_together`).
+
+    The store thread takes the next batch as soon as it has committed one, without a round
+    trip through the reactor: under load the reactor gets to a finished batch only after the
+    I/O events ahead of it (10-15 ms at 1,000 calls/s), and every write asked for meanwhile
+    would wait that long too. Results go back to the reactor batch by batch, in order. After
+    ``max_run`` seconds of back-to-back batches the thread is handed back, so that other store
+    calls queued for it (the pusher, the HTTP API) are not starved; the reactor then starts
+    the writer again if writes are waiting.
     """
 
-    def __init__(self, store: DeferredStore, max_batch: int = 500) -> None:
+    def __init__(self, store: DeferredStore, max_batch: int = 500, max_run: float = 0.05) -> None:
         self._store = store
         self._max_batch = max_batch
+        self._max_run = max_run
+        self._lock = threading.Lock()  # _pending and _running, shared with the store thread
         self._pending: list[tuple[str, dict[str, Any], defer.Deferred[Any]]] = []
-        self._flushing = False
+        self._running = False
 
     def write(self, name: str, **kwargs: Any) -> defer.Deferred[Any]:
         """Run ``Store.tx_<name>(connection, **kwargs)`` in the next group transaction."""
         deferred: defer.Deferred[Any] = defer.Deferred()
-        self._pending.append((name, kwargs, deferred))
-        if not self._flushing:
-            self._flush()
+        with self._lock:
+            self._pending.append((name, kwargs, deferred))
+            if self._running:
+                return deferred
+            self._running = True
+        self._start()
         return deferred
 
-    def _flush(self) -> None:
-        batch, self._pending = self._pending[: self._max_batch], self._pending[self._max_batch :]
-        self._flushing = True
-        calls = [(name, kwargs) for name, kwargs, _ in batch]
+    def _start(self) -> None:
+        self._store.run(self._drain).addCallbacks(self._drained, self._crashed)
 
-        def deliver(results: list[Any]) -> None:
-            for (_, _, deferred), result in zip(batch, results, strict=True):
-                if isinstance(result, BaseException):
-                    deferred.errback(Failure(result))
-                else:
-                    deferred.callback(result)
+    def _drain(self) -> bool:
+        """In the store thread: write batches until none is waiting; True if stopped by ``max_run``."""
+        deadline = time.monotonic() + self._max_run
+        while True:
+            with self._lock:
+                batch, self._pending = self._pending[: self._max_batch], self._pending[self._max_batch :]
+                if not batch:
+                    self._running = False
+                    return False
+            try:
+                results = self._store.store.write_together([(name, kwargs) for name, kwargs, _ in batch])
+            except Exception:
+                self._store.call_from_thread(self._fail, batch, Failure())
+            else:
+                self._store.call_from_thread(self._deliver, batch, results)
+            if time.monotonic() >= deadline:
+                return True
 
-        def fail_all(failure: Failure) -> None:
-            for _, _, deferred in batch:
-                deferred.errback(failure)
+    def _drained(self, stopped_early: bool) -> None:
+        if stopped_early:  # still _running: no one else has started the writer
+            self._start()
 
-        def next_batch(_: Any) -> None:
-            self._flushing = False
-            if self._pending:
-                self._flush()
+    def _crashed(self, failure: Failure) -> None:  # pragma: no cover - _drain catches what it runs
+        log.error("event=store.group_writer_crashed error=%s", failure.type.__name__)
+        with self._lock:
+            self._running = bool(self._pending)
+        if self._running:
+            self._start()
 
-        self._store.run(self._store.store.write_together, calls).addCallbacks(deliver, fail_all).addBoth(next_batch)
+    @staticmethod
+    def _deliver(batch: list[tuple[str, dict[str, Any], defer.Deferred[Any]]], results: list[Any]) -> None:
+        for (_, _, deferred), result in zip(batch, results, strict=True):
+            if isinstance(result, BaseException):
+                deferred.errback(Failure(result))
+            else:
+                deferred.callback(result)
+
+    @staticmethod
+    def _fail(batch: list[tuple[str, dict[str, Any], defer.Deferred[Any]]], failure: Failure) -> None:
+        for _, _, deferred in batch:
+            deferred.errback(failure)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from sqlalchemy import select
@@ -189,6 +189,87 @@ def test_group_commit_of_call_ratings_matches_one_by_one_writes(store: Store, mo
         pushed = set(connection.execute(select(outbox.c.record_id)).scalars())
         counted = set(connection.execute(select(ratings.c.record_id).where(ratings.c.is_attempt.is_(False))).scalars())
     assert pushed == counted and len(counted) == 5
+
+
+def test_group_commit_stores_exactly_what_the_one_by_one_path_stores(store: Store) -> None:
+    """The bulk path writes with the driver's own SQL; every stored value is the one Core stores."""
+    rated_at = datetime(2026, 11, 23, 10, 0, 0, 123456, tzinfo=timezone(timedelta(hours=8)))
+
+    def hand_off(call_id: str) -> dict[str, str | None]:
+        return {
+            "call_id": call_id,
+            "linked_id": None,
+            "agent_id": "A1",
+            "work_order": "WO-1",
+            "queue": "q7",
+            "matter_code": "M-1",
+            "caller": "13800138000",
+        }
+
+    def rating(call_id: str, key: str) -> tuple[str, dict[str, object]]:
+        return "call_rating", {
+            "hand_off": hand_off(call_id),
+            "level": Level(int(key)),
+            "key": key,
+            "rated_at": rated_at,
+        }
+
+    store.record_call_rating(hand_off("one"), level=Level(2), key="2", rated_at=rated_at)
+    store.record_call_rating(hand_off("one"), level=Level(5), key="5", rated_at=rated_at)  # an attempt
+    store.record_unrated_call(hand_off("one-unrated"), reason="timeout")
+    store.write_together([rating("bulk", "2"), rating("bulk", "5")])
+    store.write_together([("unrated_call", {"hand_off": hand_off("bulk-unrated"), "reason": "timeout"})])
+
+    # Raw rows as the driver returns them: the stored form (text on SQLite), no result processing.
+    with store.engine.connect() as connection:
+
+        def raw(sql: str, call_id: str) -> list[dict[str, object]]:
+            mark = "?" if connection.dialect.paramstyle == "qmark" else "%s"
+            result = connection.exec_driver_sql(sql.replace("?", mark), (call_id,))
+            return [dict(row._mapping) for row in result]
+
+        records = {c: raw("SELECT * FROM service_records WHERE call_id = ?", c) for c in ("one", "bulk")}
+        unrated = {
+            c: raw("SELECT * FROM service_records WHERE call_id = ?", c) for c in ("one-unrated", "bulk-unrated")
+        }
+        rated = {
+            c: raw(
+                "SELECT r.* FROM ratings r JOIN service_records s ON s.id = r.service_record_id "
+                "WHERE s.call_id = ? ORDER BY r.id",
+                c,
+            )
+            for c in ("one", "bulk")
+        }
+        queued = {
+            c: raw(
+                "SELECT o.* FROM outbox o JOIN ratings r ON r.id = o.rating_id "
+                "JOIN service_records s ON s.id = r.service_record_id WHERE s.call_id = ?",
+                c,
+            )
+            for c in ("one", "bulk")
+        }
+
+    made_now = {"created_at", "updated_at", "completed_at", "next_attempt_at"}  # differ by when; same form
+    ids = {"id", "external_id", "call_id", "service_record_id", "record_id", "rating_id", "mobile_enc"}
+
+    def same(single: list[dict[str, object]], bulk: list[dict[str, object]]) -> None:
+        assert len(single) == len(bulk) > 0
+        for one, many in zip(single, bulk, strict=True):
+            assert one.keys() == many.keys()
+            for column in one:
+                if column in made_now:
+                    assert type(one[column]) is type(many[column]), column
+                    assert len(str(one[column])) == len(str(many[column])), column
+                elif column not in ids:
+                    assert one[column] == many[column], column
+                    assert type(one[column]) is type(many[column]), column
+
+    same(records["one"], records["bulk"])
+    same(unrated["one-unrated"], unrated["bulk-unrated"])
+    same(rated["one"], rated["bulk"])
+    same(queued["one"], queued["bulk"])
+    assert rated["bulk"][0]["rated_at"] == rated["one"][0]["rated_at"]  # the same instant, stored alike
+    assert [row["is_attempt"] for row in rated["bulk"]] == [row["is_attempt"] for row in rated["one"]]
 
 
 def test_group_commit_of_unrated_calls_never_marks_a_rated_call(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:

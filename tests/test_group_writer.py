@@ -1,0 +1,78 @@
+"""Group commit on a real reactor and store thread: every write gets its own answer, in order."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime
+from typing import Any
+
+from twisted.internet import defer
+
+from gateway.rating import Level
+from gateway.testing.reactor import run_on_reactor
+from storage.deferred import DeferredStore, GroupWriter
+from storage.store import Store
+
+
+def hand_off(call_id: str) -> dict[str, str | None]:
+    return {"call_id": call_id, "linked_id": None, "agent_id": "A1", "work_order": "WO-1", "caller": None}
+
+
+def rating(writer: GroupWriter, call_id: str, key: str = "5") -> defer.Deferred[Any]:
+    return writer.write(
+        "call_rating", hand_off=hand_off(call_id), level=Level(int(key)), key=key, rated_at=datetime.now(UTC)
+    )
+
+
+def test_writes_asked_for_while_a_batch_runs_go_together_and_each_gets_its_answer(sqlite_store: Store) -> None:
+    batches: list[int] = []
+    write_together = sqlite_store.write_together
+
+    def counted(calls: Any) -> list[Any]:
+        batches.append(len(calls))
+        return write_together(calls)
+
+    sqlite_store.write_together = counted  # type: ignore[method-assign]
+
+    async def scenario(reactor: Any) -> list[Any]:
+        store = DeferredStore(sqlite_store, reactor)
+        store.startService()
+        writer = GroupWriter(store, max_batch=50)
+        answers = [rating(writer, f"c-{index}") for index in range(120)]
+        answers.append(rating(writer, "c-0", "1"))  # a second rating of a call: kept as an attempt
+        results = await defer.gatherResults(answers)
+        await store.stopService()
+        return results
+
+    results = run_on_reactor(scenario)
+    assert [counted for _, counted in results] == [True] * 120 + [False]
+    assert len({record_id for record_id, _ in results}) == 121
+    assert max(batches) <= 50 and sum(batches) == 121 and len(batches) < 20
+
+
+def test_a_failed_batch_fails_its_writes_alone_and_the_writer_goes_on(sqlite_store: Store) -> None:
+    write_together = sqlite_store.write_together
+    failing = threading.Event()
+    failing.set()
+
+    def flaky(calls: Any) -> list[Any]:
+        if failing.is_set():
+            failing.clear()
+            raise RuntimeError("database is locked")
+        return write_together(calls)
+
+    sqlite_store.write_together = flaky  # type: ignore[method-assign]
+
+    async def scenario(reactor: Any) -> tuple[list[Any], Any]:
+        store = DeferredStore(sqlite_store, reactor)
+        store.startService()
+        writer = GroupWriter(store)
+        first = await defer.DeferredList([rating(writer, "c-1")], consumeErrors=True)
+        second = await rating(writer, "c-2")
+        await store.stopService()
+        return first, second
+
+    first, second = run_on_reactor(scenario)
+    [(ok, failure)] = first
+    assert not ok and failure.check(RuntimeError)
+    assert second[1] is True
