@@ -8,9 +8,12 @@ is sent again, and that throttled parts arrive later. Every wait is bounded.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import socket
 import struct
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -700,3 +703,85 @@ def test_a_delivery_receipt_is_told_from_a_reply() -> None:
     intermediate = DeliverSm("138", "1069", 0x08, 0, b"", "a0001", 1)
     reply = DeliverSm("138", "1069", 0x40, 8, b"\x05\x00\x03\x01\x02\x01\x00\x35")
     assert receipt.is_receipt and intermediate.is_receipt and not reply.is_receipt
+
+
+# -- an SMSC that goes silent (a small fixture of this file) -------------------------------------
+
+
+class SilentSmsc:
+    """Accepts connections, answers the bind (unless ``answer_bind`` is false), then reads and never answers."""
+
+    def __init__(self, *, answer_bind: bool = True) -> None:
+        self.answer_bind = answer_bind
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.05)
+        self.port = self.listener.getsockname()[1]
+        self.connections = 0
+        self.commands: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def __enter__(self) -> SilentSmsc:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self.listener.close()
+
+    def _serve(self) -> None:
+        open_socks: list[socket.socket] = []
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                sock, _ = self.listener.accept()
+                sock.settimeout(0.05)
+                open_socks.append(sock)
+                self.connections += 1
+            for sock in list(open_socks):
+                try:
+                    data = sock.recv(4096)
+                except TimeoutError:
+                    continue
+                except OSError:
+                    data = b""
+                if not data:
+                    open_socks.remove(sock)
+                    sock.close()
+                    continue
+                _, command_id, _, sequence = struct.unpack_from(">LLLL", data)
+                self.commands.append(command_id)
+                if command_id == 0x09 and self.answer_bind:
+                    sock.sendall(encode_pdu("bind_transceiver_resp", sequence, system_id="silent"))
+        for sock in open_socks:
+            sock.close()
+
+
+@pytest.mark.parametrize(
+    ("answer_bind", "reason"),
+    [(True, "stopped answering"), (False, "did not answer the transceiver bind")],
+)
+def test_an_smsc_that_goes_silent_is_noticed_and_reconnected(answer_bind: bool, reason: str) -> None:
+    with SilentSmsc(answer_bind=answer_bind) as silent:
+
+        async def scenario(reactor: Any) -> None:
+            config = smpp_config(silent.port, enquire_link_interval=0.1, response_timeout=0.3)
+            client = SmppClient(config, reactor, lambda m: defer.succeed(None))
+            ticker = Ticker(reactor)
+            client.startService()
+            pending = Outcomes()
+            watched = pending.watch(0, client.submit(part(1)))
+            await until(reactor, lambda: client.state()["reconnects"] >= 2, 5, "two reconnects")
+            assert reason in client.state()["last_error"]
+            assert silent.connections >= 2
+            await client.stopService()
+            await watched
+            ticker.stop()
+            assert ticker.max_gap < 0.25
+            # bound: the part went out and was never answered; never bound: it was never sent
+            expected = SubmitOutcomeUnknown if answer_bind else NotSubmitted
+            assert isinstance(pending.results[0], expected)
+            if answer_bind:
+                assert 0x15 in silent.commands  # enquire_link
+
+        run_on_reactor(scenario)
