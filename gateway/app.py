@@ -19,7 +19,7 @@ from gateway.config import Config
 from gateway.health import HealthCheck, agi_health, pusher_health
 from gateway.health import health_report as components_report
 from gateway.http_api import GatewayApi, make_site
-from gateway.metrics import GatewayMetrics
+from gateway.metrics import GatewayMetrics, observe_smpp
 from gateway.workdays import WorkingDayCalendar
 from storage.deferred import DeferredStore
 from storage.store import Store
@@ -88,6 +88,8 @@ def build_gateway(config: Config, reactor: Any, *, store: Store | None = None) -
         gateway.sms = build_sms_service(config, reactor, store, deferred_store, calendar)
         gateway.sms.setServiceParent(root)
         gateway.health_checks["smsc"] = gateway.sms.health
+        sms = gateway.sms
+        metrics.scrape_hooks.append(lambda: observe_smpp(metrics, sms.client.state()))
 
     if config.http.enabled:
         gateway.api = GatewayApi(

@@ -279,6 +279,7 @@ def test_gateway_run_sends_resumes_after_a_restart_and_records_the_reply(tmp_pat
     """``gateway run`` with [smpp] enabled: intake → invitation → SIGTERM mid-way → restart → reply."""
     import signal
     import time
+    import urllib.request
 
     from tests.test_gateway_process import start_gateway
 
@@ -288,7 +289,7 @@ def test_gateway_run_sends_resumes_after_a_restart_and_records_the_reply(tmp_pat
             "GATEWAY_SMPP_PORT": str(smsc.port),
             "GATEWAY_SMPP_SYSTEM_ID": "gateway",
             "GATEWAY_SMPP_PASSWORD": "secret",
-            "GATEWAY_SMPP_RATE": "40",
+            "GATEWAY_SMPP_RATE": "10",  # slow enough to stop it mid-way on a loaded machine
             "GATEWAY_SMS_INVITE_DELAY": "0s",
             "GATEWAY_SMS_QUIET_HOURS": "",
         }
@@ -315,6 +316,10 @@ def test_gateway_run_sends_resumes_after_a_restart_and_records_the_reply(tmp_pat
             assert health["components"]["smsc"]["bound"] is True
             counts = health["components"]["smsc"]["messages"]
             assert counts.get("submitted", 0) + counts.get("delivered", 0) == 30
+            with urllib.request.urlopen(second.base + "/metrics", timeout=10) as response:
+                metrics = response.read().decode()
+            assert "hcp_smpp_bound 1.0" in metrics and "hcp_smpp_window 10.0" in metrics
+            assert "hcp_smpp_rate_per_second 10.0" in metrics
             smsc.send_mo("13800000007", smsc.accepted()[0].source[:11], "2")
             smsc.wait_for(lambda: len(smsc.accepted()) == 61, timeout=10)  # the thanks
             assert "已收到" in smsc.accepted()[-1].text
