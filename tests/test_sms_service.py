@@ -175,3 +175,28 @@ def test_a_store_failure_fails_the_delivery_so_the_smsc_sends_it_again(
     failures: list[Any] = []
     outcome.addErrback(failures.append)
     assert failures  # the client answers ESME_RX_T_APPN (SPEC R3.7a)
+
+
+def test_a_record_committed_late_is_found_by_the_periodic_look_back(harness: Any) -> None:
+    from sqlalchemy import update
+
+    from gateway.sms.service import MARGIN_EVERY
+    from storage.schema import invitations, service_records
+
+    service, _, clock, store = harness
+    completed(store, "M-1")
+    service.startService()
+    clock.advance(0)
+    completed(store, "M-late")
+    with store.engine.begin() as connection:  # as if its transaction had committed late
+        connection.execute(
+            update(service_records)
+            .where(service_records.c.external_id == "M-late")
+            .values(updated_at=service._watermark - timedelta(minutes=5))
+        )
+    clock.advance(1)
+    assert len(table(store, invitations)) == 1
+    for _ in range(MARGIN_EVERY):
+        clock.advance(1)
+    assert len(table(store, invitations)) == 2
+    service.stopService()

@@ -39,9 +39,11 @@ from storage.store import Store
 
 log = logging.getLogger("gateway.sms")
 
-#: How far back each scan for newly completed records reaches beyond the last one it saw, for
-#: transactions that committed late.
+#: Every ``MARGIN_EVERY`` rounds the scan for newly completed records reaches this far back
+#: beyond the last one it saw, for transactions that committed late; other rounds start at the
+#: last one seen, so that a bulk import is not read again every second for ten minutes.
 SCAN_MARGIN = timedelta(minutes=10)
+MARGIN_EVERY = 30
 
 
 class SubmitClient(Protocol):
@@ -90,6 +92,7 @@ class SmsService(service.Service):
         self.claim_batch = claim_batch
         self._now = now or (lambda: datetime.fromtimestamp(reactor.seconds(), UTC))
         self._watermark = datetime(1970, 1, 1, tzinfo=UTC)
+        self._rounds = 0
         self._in_flight: dict[int, _InFlight] = {}
         self._parts_in_flight = 0
         self._claiming = False
@@ -140,7 +143,9 @@ class SmsService(service.Service):
         """One scheduler round; errors are logged and the next round tries again."""
         try:
             now = self._now()
-            seen = yield self.store.run(self.sms_store.create_invitations, self._watermark - SCAN_MARGIN, now=now)
+            self._rounds += 1
+            since = self._watermark - SCAN_MARGIN if self._rounds % MARGIN_EVERY == 1 else self._watermark
+            seen = yield self.store.run(self.sms_store.create_invitations, since, now=now)
             self._watermark = max(self._watermark, seen)
             queued = 0
             while True:
