@@ -690,12 +690,12 @@ def test_a_deliver_sm_is_acknowledged_after_its_deferred_and_ahead_of_nothing_el
 
     client = SmppClient(smpp_config(1), task.Clock(), on_deliver)
     message = DeliverSm("13800000001", "1069001234500", 0, 8, "5".encode("utf-16-be"))
-    client._handle_events([("deliver", 7, 41, message), ("deliver", 7, 42, message)])
+    client._handle_events([("deliver", 7, 41, message, "deliver_sm_resp"), ("deliver", 7, 42, message, "data_sm_resp")])
     assert len(storing) == 2 and client._link.commands.qsize() == 0  # nothing answered yet
     storing[1].callback(None)
     storing[0].errback(RuntimeError("disk full"))
     answers = [client._link.commands.get_nowait() for _ in range(2)]
-    assert answers == [("ack", 7, 42, 0x00), ("ack", 7, 41, 0x64)]
+    assert answers == [("ack", 7, 42, 0x00, "data_sm_resp"), ("ack", 7, 41, 0x64, "deliver_sm_resp")]
 
 
 def test_a_delivery_receipt_is_told_from_a_reply() -> None:

@@ -3,24 +3,10 @@
 from __future__ import annotations
 
 import random
-import struct
 
 import pytest
-import smpplib.client
-import smpplib.smpp
 
-from gateway.sms.link import (
-    ESME_RMSGQFUL,
-    ESME_RTHROTTLED,
-    Backoff,
-    FramingError,
-    Pacer,
-    PduFramer,
-    Window,
-    encode_submit_sm,
-    is_permanent,
-    read_header,
-)
+from gateway.sms.link import ESME_RMSGQFUL, ESME_RTHROTTLED, Backoff, Pacer, Window, is_permanent
 
 
 def run_saturated(pacer: Pacer, start: float, until: float, jitter: float = 0.0, seed: int = 1) -> list[float]:
@@ -164,134 +150,10 @@ def test_backoff_refuses_impossible_delays() -> None:
         Backoff(5.0, 1.0)
 
 
-def pdu(command_id: int, sequence: int, body: bytes = b"", status: int = 0) -> bytes:
-    return struct.pack(">LLLL", 16 + len(body), command_id, status, sequence) + body
-
-
-def test_framer_cuts_a_stream_into_pdus_whatever_the_chunks() -> None:
-    stream = pdu(0x80000004, 2, b"abc\x00") + pdu(0x00000015, 3) + pdu(0x00000005, 4, b"x" * 300)
-    for chunk_size in (1, 3, 16, 17, 1000):
-        framer = PduFramer()
-        out: list[bytes] = []
-        for i in range(0, len(stream), chunk_size):
-            out += framer.feed(stream[i : i + chunk_size])
-        assert [read_header(p).sequence for p in out] == [2, 3, 4]
-        assert b"".join(out) == stream
-        assert framer.pending == 0
-
-
-@pytest.mark.parametrize("length", [0, 4, 15, 1_000_000, 0xFFFFFFFF])
-def test_framer_refuses_an_impossible_length(length: int) -> None:
-    framer = PduFramer()
-    with pytest.raises(FramingError, match="not SMPP"):
-        framer.feed(struct.pack(">L", length) + b"\x00" * 12)
-
-
 def test_status_classes() -> None:
     assert not is_permanent(ESME_RTHROTTLED) and not is_permanent(ESME_RMSGQFUL)
     assert not is_permanent(0x08)  # system error: try again later
     assert is_permanent(0x0B)  # invalid destination address
-    assert read_header(pdu(0x80000004, 9, status=0x58)).is_response
-
-
-def test_after_garbage_the_framer_finds_the_next_plausible_answer() -> None:
-    answer = pdu(0x80000004, 7, b"a0001\x00")
-    stream = pdu(0x80000004, 6, b"a0000\x00") + b"\x00\x00\x00\x03\x00\x00\x00" + b"HTTP/1.1 400" + answer
-    framer = PduFramer()
-    with pytest.raises(FramingError) as caught:
-        framer.feed(stream[:40])
-    assert [read_header(p).sequence for p in caught.value.pdus] == [6]
-    outstanding = {7}
-    found = framer.resync(lambda h: h.command_id == 0x80000004 and h.sequence in outstanding)
-    found += framer.feed(stream[40:])
-    assert found == [answer]
-    assert framer.feed(pdu(0x00000015, 8)) == [pdu(0x00000015, 8)]  # back in step
-
-
-def test_resync_finds_nothing_in_noise_that_merely_looks_like_lengths() -> None:
-    framer = PduFramer()
-    with pytest.raises(FramingError):
-        framer.feed(b"\x00\x00\x00\x02" + bytes(range(256)) * 4)
-    assert framer.resync(lambda h: h.command_id == 0x80000004 and h.sequence in {1, 2, 3}) == []
-    assert framer.pending < 16
-
-
-SUBMITS = [
-    # (source, destination, esm_class, registered_delivery, data_coding, short_message, tons/npis)
-    ("106900123450001", "13800138000", 0, 1, 8, "您好".encode("utf-16-be"), (0, 0, 0, 1)),
-    (
-        "10690012345",
-        "8613800138000",
-        0x40,
-        1,
-        8,
-        bytes([5, 0, 3, 42, 2, 1]) + "满意".encode("utf-16-be") * 33,
-        (0, 0, 1, 1),
-    ),
-    ("12345678901234567890", "1", 0x40, 0, 0, b"TD", (5, 0, 2, 9)),
-    ("1069", "13800138000", 0, 0, 0, b"", (0, 0, 0, 0)),
-    ("1069", "13800138000", 3, 0x11, 0xF0, bytes(range(254)), (1, 1, 1, 1)),
-]
-
-
-@pytest.mark.parametrize("source,destination,esm_class,registered,coding,message,addressing", SUBMITS)
-def test_submit_sm_is_encoded_byte_for_byte_as_smpplib_does(
-    source: str, destination: str, esm_class: int, registered: int, coding: int, message: bytes, addressing: tuple
-) -> None:
-    s_ton, s_npi, d_ton, d_npi = addressing
-    client = smpplib.client.Client("127.0.0.1", 1, allow_unknown_opt_params=True)
-    reference = smpplib.smpp.make_pdu(
-        "submit_sm",
-        client=client,
-        service_type="",
-        source_addr_ton=s_ton,
-        source_addr_npi=s_npi,
-        source_addr=source,
-        dest_addr_ton=d_ton,
-        dest_addr_npi=d_npi,
-        destination_addr=destination,
-        esm_class=esm_class,
-        registered_delivery=registered,
-        data_coding=coding,
-        short_message=message,
-    )
-    ours = encode_submit_sm(
-        reference.sequence,
-        source_addr_ton=s_ton,
-        source_addr_npi=s_npi,
-        source_addr=source,
-        dest_addr_ton=d_ton,
-        dest_addr_npi=d_npi,
-        destination_addr=destination,
-        esm_class=esm_class,
-        registered_delivery=registered,
-        data_coding=coding,
-        short_message=message,
-    )
-    assert ours == reference.generate()
-    parsed = smpplib.smpp.parse_pdu(ours, client=client, allow_unknown_opt_params=True)
-    assert (parsed.short_message or b"") == message and parsed.destination_addr == destination.encode()
-
-
-@pytest.mark.parametrize(
-    "change",
-    [{"short_message": b"x" * 255}, {"source_addr": "1" * 21}, {"destination_addr": "１３８"}],
-)
-def test_a_submit_sm_that_does_not_fit_is_refused_not_cut_short(change: dict) -> None:
-    fields: dict = {
-        "source_addr_ton": 0,
-        "source_addr_npi": 0,
-        "source_addr": "1069",
-        "dest_addr_ton": 0,
-        "dest_addr_npi": 1,
-        "destination_addr": "13800138000",
-        "esm_class": 0,
-        "registered_delivery": 1,
-        "data_coding": 8,
-        "short_message": b"",
-    }
-    with pytest.raises(ValueError):
-        encode_submit_sm(2, **(fields | change))
 
 
 def test_after_full_recovery_a_new_throttling_episode_starts_from_the_shortest_pause() -> None:

@@ -1,4 +1,4 @@
-"""The decisions of an SMPP link that are worth owning: pace, window, throttling, reconnects, framing.
+"""The decisions of an SMPP link that are worth owning: pace, window, throttling, reconnects.
 
 Pure code, no sockets and no clock: every method takes ``now`` (seconds on a monotonic clock),
 so the adapter in :mod:`gateway.sms.smpp` calls them from its I/O thread and the tests call them
@@ -12,17 +12,16 @@ with a simulated clock (STYLE.md, h11).
   since smpplib does not know which submits went unanswered after a dropped link (LIBRARIES.md).
 - :class:`Backoff` spaces reconnects: capped exponential, with jitter so that several gateway
   instances do not reconnect in step.
-- :class:`PduFramer` cuts the byte stream into PDUs and refuses an impossible length, after which
-  the stream cannot be trusted and the link is reconnected.
+
+The bytes themselves are read and written by :mod:`gateway.sms.pdu`.
 """
 
 from __future__ import annotations
 
 import math
 import random
-import struct
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -262,160 +261,3 @@ class Backoff:
 
     def reset(self) -> None:
         self.attempts = 0
-
-
-# ---------------------------------------------------------------------------------------------
-# Framing
-# ---------------------------------------------------------------------------------------------
-
-HEADER = struct.Struct(">LLLL")
-HEADER_LENGTH = HEADER.size
-#: Larger than any legal PDU (a 64 KiB message_payload plus the mandatory fields).
-MAX_PDU_LENGTH = 70_000
-
-
-class FramingError(Exception):
-    """The byte stream holds something that is not a PDU; the connection cannot be trusted.
-
-    ``pdus`` are the whole PDUs that came before the bad bytes in the same feed.
-    """
-
-    def __init__(self, message: str, pdus: list[bytes]) -> None:
-        super().__init__(message)
-        self.pdus = pdus
-
-
-@dataclass(frozen=True)
-class Header:
-    length: int
-    command_id: int
-    status: int
-    sequence: int
-
-    @property
-    def is_response(self) -> bool:
-        return bool(self.command_id & 0x80000000)
-
-
-def read_header(raw: bytes) -> Header:
-    return Header(*HEADER.unpack_from(raw))
-
-
-class PduFramer:
-    """Cuts the bytes read from an SMPP connection into whole PDUs (SMPP 3.4 section 3.2).
-
-    After a :class:`FramingError` the stream has lost its PDU boundaries. :meth:`resync` then
-    skips bytes until a header that the caller finds plausible (e.g. a ``submit_sm_resp`` to a
-    request still outstanding), so that answers the SMSC wrote after the garbage can still be
-    read while the link is wound down, instead of becoming outcomes unknown.
-    """
-
-    def __init__(self, max_length: int = MAX_PDU_LENGTH) -> None:
-        self.max_length = max_length
-        self._buffer = bytearray()
-        self._plausible: Callable[[Header], bool] | None = None
-
-    def feed(self, data: bytes) -> list[bytes]:
-        """Add ``data``; return the PDUs now complete. Raise :class:`FramingError` on a bad length."""
-        self._buffer += data
-        if self._plausible is not None and not self._find_boundary():
-            return []
-        pdus: list[bytes] = []
-        buffer = self._buffer
-        start = 0
-        end = len(buffer)
-        while end - start >= 4:
-            (length,) = struct.unpack_from(">L", buffer, start)
-            if length < HEADER_LENGTH or length > self.max_length:
-                del buffer[:start]
-                raise FramingError(
-                    f"a PDU announces {length} bytes (a PDU has {HEADER_LENGTH} to {self.max_length}): "
-                    "the SMSC sent bytes that are not SMPP",
-                    pdus,
-                )
-            if end - start < length:
-                break
-            pdus.append(bytes(buffer[start : start + length]))
-            start += length
-        if start:
-            del buffer[:start]
-        return pdus
-
-    def resync(self, plausible: Callable[[Header], bool]) -> list[bytes]:
-        """Skip the bad bytes up to the next header ``plausible`` accepts; return the PDUs from there."""
-        self._plausible = plausible
-        del self._buffer[:1]
-        return self.feed(b"")
-
-    def _find_boundary(self) -> bool:
-        buffer = self._buffer
-        plausible = self._plausible
-        assert plausible is not None
-        for offset in range(0, len(buffer) - HEADER_LENGTH + 1):
-            header = Header(*HEADER.unpack_from(buffer, offset))
-            if HEADER_LENGTH <= header.length <= self.max_length and plausible(header):
-                del buffer[:offset]
-                self._plausible = None
-                return True
-        del buffer[: max(0, len(buffer) - HEADER_LENGTH + 1)]
-        return False
-
-    @property
-    def pending(self) -> int:
-        """Bytes held for an incomplete PDU."""
-        return len(self._buffer)
-
-
-# ---------------------------------------------------------------------------------------------
-# The hot path: submit_sm
-# ---------------------------------------------------------------------------------------------
-
-SUBMIT_SM = 0x00000004
-MAX_ADDRESS_LENGTH = 20  # address fields are C-Octet Strings of at most 21 octets with the NUL
-MAX_SHORT_MESSAGE = 254
-
-
-def _address(value: str, name: str) -> bytes:
-    raw = value.encode("ascii")
-    if len(raw) > MAX_ADDRESS_LENGTH or b"\x00" in raw:
-        raise ValueError(f"{name} {value!r} does not fit SMPP's 20-character address field")
-    return raw + b"\x00"
-
-
-def encode_submit_sm(
-    sequence: int,
-    *,
-    source_addr_ton: int,
-    source_addr_npi: int,
-    source_addr: str,
-    dest_addr_ton: int,
-    dest_addr_npi: int,
-    destination_addr: str,
-    esm_class: int,
-    registered_delivery: int,
-    data_coding: int,
-    short_message: bytes,
-    service_type: str = "",
-) -> bytes:
-    """A ``submit_sm`` PDU (SMPP 3.4 section 4.4.1), byte for byte what smpplib 2.2.4 generates.
-
-    smpplib spends about 100 µs building one (it walks all 45 optional parameters each time),
-    which capped the link at about 4,000 submits/s; this is the same bytes in a few µs. The test
-    suite compares the two. Unlike smpplib, a field that does not fit is refused, not cut short.
-    """
-    if len(short_message) > MAX_SHORT_MESSAGE:
-        raise ValueError(f"a short message has at most {MAX_SHORT_MESSAGE} octets, not {len(short_message)}")
-    body = b"".join(
-        (
-            _address(service_type, "service_type") if service_type else b"\x00",
-            bytes((source_addr_ton, source_addr_npi)),
-            _address(source_addr, "source_addr"),
-            bytes((dest_addr_ton, dest_addr_npi)),
-            _address(destination_addr, "destination_addr"),
-            # esm_class, protocol_id, priority_flag, schedule_delivery_time "", validity_period "",
-            # registered_delivery, replace_if_present_flag, data_coding, sm_default_msg_id, sm_length
-            bytes((esm_class, 0, 0, 0, 0, registered_delivery, 0, data_coding, 0, len(short_message))),
-            short_message,
-        )
-    )
-    return HEADER.pack(HEADER_LENGTH + len(body), SUBMIT_SM, 0, sequence) + body

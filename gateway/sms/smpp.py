@@ -13,8 +13,10 @@
 smpplib 2.2.4 has no send lock, an unlocked sequence counter, and sends ``enquire_link`` from
 whichever thread reads (LIBRARIES.md); so every socket of a link is read and written by its one
 I/O thread, with ``select`` over the sockets and a socketpair that wakes it for new commands.
-smpplib builds and parses the PDUs and creates the sockets; its blocking read loop is not used:
-the thread frames PDUs itself (a garbled length drops the connection instead of hanging it),
+smpplib creates the sockets, numbers the requests and builds and parses the PDUs, except the
+three on the hot path (``submit_sm``, its answer, ``deliver_sm``), which :mod:`gateway.sms.pdu`
+does in a few µs, held to smpplib's bytes by tests. smpplib's blocking read loop is not used:
+the thread frames PDUs itself (a garbled length winds the connection down instead of hanging it),
 answers ``deliver_sm`` only once the gateway has stored it (SPEC R3.7a), answers the SMSC's
 ``unbind`` (smpplib never does) and keeps its own window of outstanding submits, because after a
 dropped link smpplib does not know which went unanswered.
@@ -50,17 +52,18 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from gateway.config import SmppConfig
-from gateway.sms.link import (
+from gateway.sms.link import THROTTLING_STATUSES, Backoff, Pacer, Window, is_permanent
+from gateway.sms.pdu import (
+    DATA_SM,
+    DELIVER_SM,
     HEADER_LENGTH,
-    THROTTLING_STATUSES,
-    Backoff,
+    DeliverSm,
     FramingError,
     Header,
-    Pacer,
+    PduDecodeError,
     PduFramer,
-    Window,
+    decode_incoming,
     encode_submit_sm,
-    is_permanent,
     read_header,
 )
 
@@ -122,50 +125,6 @@ class SubmitOutcomeUnknown(Exception):
 
 class NotSubmitted(Exception):
     """The submit was never written (the client is stopping); it is safe to send again."""
-
-
-@dataclass(frozen=True)
-class DeliverSm:
-    """An incoming ``deliver_sm``: a citizen's reply or a delivery receipt, decoded minimally."""
-
-    source_addr: str
-    destination_addr: str
-    esm_class: int
-    data_coding: int
-    short_message: bytes  # or the message_payload TLV when the SMSC used that
-    receipted_message_id: str | None = None
-    message_state: int | None = None
-    sar_msg_ref_num: int | None = None
-    sar_total_segments: int | None = None
-    sar_segment_seqnum: int | None = None
-
-    @property
-    def is_receipt(self) -> bool:
-        """SMSC delivery receipt (esm_class 0x04) or intermediate notification (0x08)."""
-        return self.esm_class & 0x3C in (0x04, 0x08)
-
-    @classmethod
-    def from_pdu(cls, pdu: Any) -> DeliverSm:
-        def text(value: Any) -> str:
-            if value is None:
-                return ""
-            if isinstance(value, bytes):
-                return value.split(b"\x00", 1)[0].decode("latin-1")
-            return str(value)
-
-        receipted = text(pdu.receipted_message_id) or None
-        return cls(
-            source_addr=text(pdu.source_addr),
-            destination_addr=text(pdu.destination_addr),
-            esm_class=int(pdu.esm_class or 0),
-            data_coding=int(pdu.data_coding or 0),
-            short_message=bytes(pdu.short_message or pdu.message_payload or b""),
-            receipted_message_id=receipted,
-            message_state=pdu.message_state,
-            sar_msg_ref_num=pdu.sar_msg_ref_num,
-            sar_total_segments=pdu.sar_total_segments,
-            sar_segment_seqnum=pdu.sar_segment_seqnum,
-        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,15 +378,15 @@ class _Link:
                 else:
                     self.pending.append(_Queued(command[1], command[2]))
             elif kind == "ack":
-                self._ack(command[1], command[2], command[3])
+                self._ack(command[1], command[2], command[3], command[4])
             elif kind == "stop":
                 self._begin_stop(now)
 
-    def _ack(self, ident: int, sequence: int, status: int) -> None:
+    def _ack(self, ident: int, sequence: int, status: int, response: str) -> None:
         """deliver_sm_resp once the gateway has stored the message (SPEC R3.7a), ahead of submits."""
         for conn in self.connections:
             if conn.ident == ident and conn.phase in ("bound", "unbinding"):
-                conn.out += _response("deliver_sm_resp", sequence, status)
+                conn.out += _response(response, sequence, status)
                 return
         # That connection is gone: the SMSC delivers the message again on the next one.
 
@@ -649,6 +608,9 @@ class _Link:
         if conn.phase == "binding" and header.sequence == conn.bind_sequence and header.is_response:
             self._bind_answered(conn, header, now)
             return
+        if header.command_id in (DELIVER_SM, DATA_SM):
+            self._incoming(conn, header, raw)
+            return
         try:
             pdu = _parse(raw)
         except Exception as error:
@@ -666,11 +628,7 @@ class _Link:
                 conn.out += _response("generic_nack", header.sequence, status)
             return
         command = pdu.command
-        if command == "deliver_sm":
-            if conn.phase == "draining":
-                return  # it cannot be acknowledged any more: the SMSC delivers it again after the reconnect
-            self._events.append(("deliver", conn.ident, header.sequence, DeliverSm.from_pdu(pdu)))
-        elif command == "enquire_link":
+        if command == "enquire_link":
             conn.out += _response("enquire_link_resp", header.sequence)
         elif command == "enquire_link_resp":
             conn.enquire_deadline = None
@@ -691,6 +649,20 @@ class _Link:
             conn.out += _response("generic_nack", header.sequence, ESME_RINVCMDID)
         else:
             log.info("event=smpp.unexpected_pdu command=%s", command)
+
+    def _incoming(self, conn: _Connection, header: Header, raw: bytes) -> None:
+        """A reply or receipt: handed to the gateway, answered once it is stored (SPEC R3.7a)."""
+        if conn.phase == "draining":
+            return  # it can no longer be acknowledged: the SMSC delivers it again after the reconnect
+        response = "deliver_sm_resp" if header.command_id == DELIVER_SM else "data_sm_resp"
+        try:
+            message = decode_incoming(raw)
+        except PduDecodeError as error:
+            self.errors_total += 1
+            log.warning("event=smpp.garbled_pdu command=%s error=%r answer=generic_nack", response[:-5], str(error))
+            conn.out += _response("generic_nack", header.sequence, ESME_RINVCMDLEN)
+            return
+        self._events.append(("deliver", conn.ident, header.sequence, message, response))
 
     def _submit_answered(self, header: Header, raw: bytes, now: float) -> None:
         entry = self.window.close(header.sequence)
@@ -940,7 +912,7 @@ class SmppClient(Service):
             elif kind == "rejected_locally":
                 self._fail(event[1], ValueError(f"the part cannot be encoded as a submit_sm: {event[2]}"))
             elif kind == "deliver":
-                self._deliver(event[1], event[2], event[3])
+                self._deliver(event[1], event[2], event[3], event[4])
             elif kind == "bound":
                 self._bound = True
                 waiters, self._bound_waiters = self._bound_waiters, []
@@ -961,18 +933,18 @@ class SmppClient(Service):
         if waiting is not None:
             waiting.errback(Failure(error))
 
-    def _deliver(self, ident: int, sequence: int, message: DeliverSm) -> None:
+    def _deliver(self, ident: int, sequence: int, message: DeliverSm, response: str) -> None:
         link = self._link
 
         def stored(_: object) -> None:
-            link.command("ack", ident, sequence, ESME_ROK)
+            link.command("ack", ident, sequence, ESME_ROK, response)
 
         def not_stored(failure: Failure) -> None:
             log.error(
                 "event=smpp.deliver_not_stored error=%s answer=ESME_RX_T_APPN: the SMSC will deliver it again",
                 failure.type.__name__ if failure.type else "?",
             )
-            link.command("ack", ident, sequence, ESME_RX_T_APPN)
+            link.command("ack", ident, sequence, ESME_RX_T_APPN, response)
 
         defer.maybeDeferred(self._on_deliver, message).addCallbacks(stored, not_stored)
 
