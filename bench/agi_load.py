@@ -22,6 +22,7 @@ its SQLite store; the reference: the dict it dumps on SIGTERM), and nothing else
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -302,9 +303,18 @@ def measure(
 
 
 def drive(port: int, calls: int, concurrency: int, seed: int) -> None:
-    """The load generator's own process (one reactor, so that every level starts fresh)."""
+    """The load generator's own process (one reactor, so that every level starts fresh).
+
+    It shares the machine with the server, and its own delays count in every round trip it
+    measures, so it is kept as light as it can be without changing what it plays: no log line
+    per connection (Twisted's "Starting factory"), and no full garbage collection of what
+    start-up built (a pause there is a late answer to every call at once).
+    """
     from twisted.internet import reactor
 
+    sim._AsteriskCallFactory.noisy = False
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 10)
     results: list[LoadResult] = []
 
     def go(_reactor: object) -> defer.Deferred[None]:

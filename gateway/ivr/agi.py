@@ -23,6 +23,7 @@ Typical use (the adapter)::
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from collections import deque
 from collections.abc import Iterator, Mapping
@@ -396,6 +397,12 @@ class AGICommand:
         return self.text.encode("utf-8") + b"\n"
 
 
+@functools.lru_cache(maxsize=256)
+def _checked_command(text: str) -> AGICommand:
+    """The command for ``text``, checked once: a dialogue sends the same few texts on every call."""
+    return AGICommand(text)
+
+
 def quote_argument(value: str) -> str:
     """Quote a value the way Asterisk's ``parse_args`` (res_agi.c) unquotes it.
 
@@ -693,7 +700,7 @@ class AGIConnection:
         or when the text is not a single line.
         """
         if isinstance(command, str):
-            command = AGICommand(command)
+            command = _checked_command(command)
         if self._state is ConnectionState.ENVIRONMENT:
             raise AGILocalError("no AGI command may be sent before the environment is complete")
         if self._state is ConnectionState.AWAITING_RESPONSE:

@@ -31,6 +31,7 @@ OPTION so that a key during or right after the prompt is taken (barge-in, fixtur
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -72,6 +73,22 @@ ALL_KEYS = "0123456789*#"
 
 #: The key that skips the reason menu or the voice comment (SPEC R2.5: skipping is allowed).
 SKIP_KEY = "#"
+
+
+# Every call sends the same few commands: their texts are built and checked once.
+@functools.lru_cache(maxsize=64)
+def _get_option_text(name: str, escape_digits: str, timeout_ms: int) -> str:
+    return get_option(name, escape_digits, timeout_ms).text
+
+
+@functools.lru_cache(maxsize=64)
+def _stream_file_text(name: str, escape_digits: str) -> str:
+    return stream_file(name, escape_digits).text
+
+
+@functools.lru_cache(maxsize=64)
+def _set_variable_text(name: str, value: str) -> str:
+    return set_variable(name, value).text
 
 
 def _default_reason_keys() -> Mapping[str, str]:
@@ -497,8 +514,7 @@ class Dialogue:
         if self._line_lost:
             return self._end()
         assert self._level is not None
-        text = set_variable(RATING_VARIABLE, str(int(self._level))).text
-        return self._send(DialogueState.SETTING_VARIABLE, text)
+        return self._send(DialogueState.SETTING_VARIABLE, _set_variable_text(RATING_VARIABLE, str(int(self._level))))
 
     def _after_variable(self) -> list[Action]:
         if self._caller_gone:
@@ -506,7 +522,7 @@ class Dialogue:
         assert self._level is not None
         if self._level.is_bad and self.settings.reason_menu:
             reason_digits = "".join(self.settings.reason_keys) + SKIP_KEY
-            text = get_option(self.settings.prompt(PROMPT_REASON_MENU), reason_digits, self.settings.wait_ms).text
+            text = _get_option_text(self.settings.prompt(PROMPT_REASON_MENU), reason_digits, self.settings.wait_ms)
             return self._send(DialogueState.REASON_MENU, text)
         return self._after_reason()
 
@@ -587,13 +603,13 @@ class Dialogue:
     def _menu(self) -> list[Action]:
         self._attempts += 1
         settings = self.settings
-        text = get_option(settings.prompt(PROMPT_MENU), ALL_KEYS, settings.wait_ms).text
+        text = _get_option_text(settings.prompt(PROMPT_MENU), ALL_KEYS, settings.wait_ms)
         return self._send(DialogueState.MENU, text)
 
     def _play(self, state: DialogueState, name: str, escape_digits: str = "") -> list[Action]:
         if self._caller_gone:  # no prompt after a hang-up (SPEC R2.4)
             return self._end()
-        return self._send(state, stream_file(self.settings.prompt(name), escape_digits).text)
+        return self._send(state, _stream_file_text(self.settings.prompt(name), escape_digits))
 
     def _thanks(self) -> list[Action]:
         name = PROMPT_COMMENT_THANKS if self._comment_ref else PROMPT_THANKS
