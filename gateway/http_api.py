@@ -52,6 +52,7 @@ METRICS_ROLES = frozenset({"admin", "platform"})
 RATING_FILTERS = tuple(queries.SERVICE_FILTERS)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS"})
 
 
 class ApiError(Exception):
@@ -256,6 +257,22 @@ class GatewayApi(Resource):
                 400, f"the body is not valid JSON: {error.msg} at line {error.lineno} column {error.colno}"
             ) from None
 
+    def access_line(self, timestamp: str, request: Request) -> str:
+        """Twisted's access log line: the route's pattern, never the path or query (SPEC R5.1).
+
+        A path or query may carry what a client should not have put there (a phone as an id,
+        a name as a search); the pattern (``/v1/ratings/{record_id}/contact``) tells enough.
+        """
+        parts = tuple(p.decode("utf-8", "replace") for p in (request.path or b"").split(b"?")[0].split(b"/") if p)
+        route = next((r for r in self.routes if _match(r.parts, parts) is not None), None)
+        pattern = "/" + "/".join(route.parts) if route else "(no route)"
+        method = request.method.decode("latin-1") if request.method in _METHODS else "(other)"
+        host = getattr(request.getClientAddress(), "host", "-")
+        return (
+            f"event=http.access method={method} route={pattern} status={request.code} "
+            f"bytes={request.sentLength} client={host}"
+        )
+
     # -- routes --------------------------------------------------------------------------------
 
     def get_health(self, request: Request) -> Any:
@@ -437,6 +454,8 @@ class GatewayApi(Resource):
             day = date.fromisoformat(args["date"])
         except ValueError:
             raise ApiError(400, f"date {args['date']!r} is not a day; write it YYYY-MM-DD") from None
+        if not 1970 <= day.year <= 9998:
+            raise ApiError(400, f"date {args['date']!r} is not a day the gateway can have ratings of")
         if self.config is None:
             raise ApiError(404, "reconciliation is not available in this process")
         # Blocking (store, and the platform over urllib): a store thread, never the reactor.
@@ -540,7 +559,7 @@ def _int_arg(args: dict[str, str], name: str, default: int, low: int, high: int)
 def make_site(api: GatewayApi, max_body_bytes: int, reactor: Any = None) -> server.Site:
     """A Site whose requests refuse bodies over ``max_body_bytes``."""
     request_class = type("GatewayRequest", (BoundedRequest,), {"max_body_bytes": max_body_bytes})
-    site = server.Site(api, requestFactory=request_class, reactor=reactor)
+    site = server.Site(api, requestFactory=request_class, reactor=reactor, logFormatter=api.access_line)
     site.displayTracebacks = False
     site.noisy = False
     return site

@@ -163,8 +163,9 @@ def parse_service_record(
     if "completed_at" in values:
         try:
             completed = parse_timestamp(values["completed_at"])
-        except ValueError as error:
-            errors.append(FieldError("completed_at", str(error)))
+        except ValueError:
+            # Not the value itself: a shifted CSV column puts a name or a phone here (SPEC R5.1).
+            errors.append(FieldError("completed_at", "is not an ISO 8601 time such as 2026-11-22T10:15:03+08:00"))
         else:
             if completed > now + MAX_CLOCK_SKEW:
                 errors.append(FieldError("completed_at", "is in the future; check the clock and the time zone"))

@@ -325,7 +325,11 @@ def build_openapi() -> dict[str, Any]:
                                                     "type": "array",
                                                     "minItems": 1,
                                                     "maxItems": 1000,
-                                                    "items": {"type": "object"},
+                                                    "items": {
+                                                        "description": "A ServiceRecord. Any item that is not a "
+                                                        "valid one (not even an object) is reported rejected in "
+                                                        "results with its index and reasons; the rest are stored"
+                                                    },
                                                 }
                                             },
                                         },
@@ -362,7 +366,17 @@ def build_openapi() -> dict[str, Any]:
                             "description": "A single record created",
                             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/IntakeResult"}}},
                         },
-                        **_error_responses(400, 401, 403, 413, 415, 422),
+                        **_error_responses(400, 401, 403, 413, 415),
+                        "422": _json_response(
+                            "A single record rejected (its result, with the reasons), or a body that is JSON but "
+                            "no service record (an Error)",
+                            {
+                                "anyOf": [
+                                    {"$ref": "#/components/schemas/IntakeResult"},
+                                    {"$ref": "#/components/schemas/Error"},
+                                ]
+                            },
+                        ),
                     },
                 }
             },
