@@ -260,7 +260,7 @@ def test_the_configured_rate_is_held() -> None:
     steady = arrived[10:]
     rate = (len(steady) - 1) / (steady[-1] - steady[0])
     assert abs(rate - 100.0) <= 5.0
-    assert arrived[-1] - arrived[0] >= 1.2
+    assert arrived[-1] - arrived[0] >= 1.1  # 124 intervals of 10 ms after the burst, less thread jitter
 
 
 def test_transmitter_receiver_pair_sends_on_one_and_receives_on_the_other() -> None:
@@ -385,6 +385,9 @@ def test_throttled_parts_are_sent_again_later_and_the_pace_drops(fault: str) -> 
             assert refused.status in (0x58, 0x14)
             again = [r for r in submits if r.accepted and r.destination == refused.destination]
             assert len(again) == 1 and again[0].number > refused.number  # sent again once, later
+        refused = [submits[n - 1].destination for n in (3, 4, 5)]
+        resent = [r.destination for r in submits[5:] if r.destination in refused]
+        assert resent == refused  # sent again, in their order
         assert state["pace"] < state["rate"]  # slowed down, recovering
         await sleep(reactor, 0.7)
         assert client.state()["pace"] == client.state()["rate"]  # recovered

@@ -248,6 +248,7 @@ class _Link:
         self.window: Window[_Queued] = Window(config.window, config.response_timeout)
         self.backoff = Backoff(config.reconnect_min_delay, config.reconnect_max_delay, rng)
         self.pending: deque[_Queued] = deque()
+        self.retry: deque[_Queued] = deque()  # throttled parts, sent again before the pending ones
         self.connections: list[_Connection] = []
         self._next_ident = 0
         self._reconnect_at = 0.0
@@ -347,7 +348,7 @@ class _Link:
         deadline = self.window.next_deadline()
         if deadline is not None:
             times.append(deadline)
-        if self.pending and self.bound and self.window.has_room and not self._stopping:
+        if (self.pending or self.retry) and self.bound and self.window.has_room and not self._stopping:
             times.append(self.pacer.next_send_at(now))
         if self._stopping:
             times.append(self._stop_deadline)
@@ -395,8 +396,9 @@ class _Link:
             return
         self._stopping = True
         self._stop_deadline = now + self.config.response_timeout
-        while self.pending:
-            self._events.append(("not_submitted", self.pending.popleft().token))
+        for waiting in (self.retry, self.pending):
+            while waiting:
+                self._events.append(("not_submitted", waiting.popleft().token))
 
     def _check_stopped(self, now: float) -> None:
         if not self._stopping:
@@ -529,9 +531,9 @@ class _Link:
             return
         conn = next(c for c in self.connections if c.sends)
         config = self.config
-        pacer, window, pending = self.pacer, self.window, self.pending
-        while pending and window.has_room and pacer.ready(now):
-            queued = pending.popleft()
+        pacer, window, pending, retry = self.pacer, self.window, self.pending, self.retry
+        while (retry or pending) and window.has_room and pacer.ready(now):
+            queued = retry.popleft() if retry else pending.popleft()
             part = queued.part
             sequence = conn.client.next_sequence()
             try:
@@ -677,15 +679,17 @@ class _Link:
             self._events.append(("ok", token, message_id))
         elif status in THROTTLING_STATUSES:
             self.throttled_total += 1
+            before = self.pacer.pace(now)
             resume = self.pacer.throttled(now, entry.sent_at)
             if self._stopping:
                 self._events.append(("not_submitted", token))
             else:
-                self.pending.appendleft(entry.item)  # the same part goes again, first
-            log.info(
+                self.retry.append(entry.item)  # the same part goes again, before the queue, in order
+            after = self.pacer.pace(now)
+            (log.info if after < before else log.debug)(
                 "event=smpp.throttled status=%s pace=%.2f resume_in=%.2f",
                 status_name(status),
-                self.pacer.pace(now),
+                after,
                 max(0.0, resume - now),
             )
         else:
@@ -766,8 +770,9 @@ class _Link:
         """However the loop ended, every submit it holds is resolved, and the reactor is told."""
         for entry in self.window.drain():
             self._unknown(entry.item.token, "the client stopped before the SMSC answered")
-        while self.pending:
-            self._events.append(("not_submitted", self.pending.popleft().token))
+        for waiting in (self.retry, self.pending):
+            while waiting:
+                self._events.append(("not_submitted", waiting.popleft().token))
         while True:
             try:
                 command = self.commands.get_nowait()
