@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from twisted.web import server
@@ -442,8 +442,20 @@ class GatewayApi(Resource):
         return self.store.run(query, self.store.store, *args, **kwargs).addErrback(bad_cursor)
 
     def get_reconciliation(self, request: Request, principal: tuple[str, str]) -> Any:
-        """SPEC R7.3: a day's totals per channel and level, stored, pushed and the platform's."""
-        from gateway.platform.reconcile import reconciliation_report
+        """SPEC R7.3: a day's totals per channel and level, stored, pushed and the platform's.
+
+        What ``gateway reconcile --json`` answers (:func:`gateway.platform.reconcile.reconcile`),
+        in two blocking halves run side by side off the reactor: the store's totals in a store
+        thread, the platform's counts (urllib, up to ``[platform] timeout``) in the reactor's
+        thread pool, so that a slow platform never holds the store's thread (SQLite has one).
+        """
+        from gateway.platform.reconcile import (
+            PlatformUnavailable,
+            Reconciliation,
+            fetch_platform_counts,
+            platform_configured,
+        )
+        from storage.outbox import Outbox
 
         args = _query_args(request, {"date"})
         if "date" not in args:
@@ -458,9 +470,27 @@ class GatewayApi(Resource):
             raise ApiError(400, f"date {args['date']!r} is not a day the gateway can have ratings of")
         if self.config is None:
             raise ApiError(404, "reconciliation is not available in this process")
-        # Blocking (store, and the platform over urllib): a store thread, never the reactor.
-        report = self.store.run(reconciliation_report, self.store.store, self.config, day)
-        return report.addCallback(lambda body: (200, body))
+        platform = self.config.platform
+        totals = self.store.run(Outbox(self.store.store).day_totals, day)
+        if platform_configured(platform):
+            pool = self.reactor.getThreadPool()  # type: ignore[attr-defined]
+            asked = threads.deferToThreadPool(self.reactor, pool, fetch_platform_counts, platform, day)  # type: ignore[arg-type]
+            asked.addCallback(lambda counts: ("ok", counts, None))
+
+            def unavailable(failure: Failure) -> tuple[str, None, str]:
+                failure.trap(PlatformUnavailable)
+                return "unavailable", None, str(failure.value)
+
+            asked.addErrback(unavailable)
+        else:
+            asked = defer.succeed(("not configured", None, None))
+
+        def report(results: list[Any]) -> tuple[int, dict[str, Any]]:
+            day_totals, (status, counts, error) = results
+            return 200, Reconciliation(day, day_totals, counts, status, error).as_json()
+
+        both = defer.gatherResults([totals, asked], consumeErrors=True)
+        return both.addErrback(lambda failure: failure.value.subFailure).addCallback(report)
 
     def get_metrics(self, request: Request) -> Any:
         """Prometheus metrics: from loopback without a token, else with an admin or platform token."""

@@ -19,11 +19,13 @@ from sqlalchemy import select
 from gateway.intake import ServiceRecordInput
 from gateway.platform.reconcile import reconcile
 from gateway.rating import Channel, Level, ServiceKind
+from gateway.testing.platform import SHANGHAI, listen
 from storage.outbox import Outbox
 from storage.queries import audit_entries
 from storage.schema import service_records
 from storage.store import Store
 from tests.live_gateway import LiveGateway
+from tests.test_gateway_process import free_port
 
 PHONE = "+8613912345678"
 MASKED = "139****5678"
@@ -314,3 +316,35 @@ def test_health_shows_platform_reachability_from_the_pusher(tmp_path: Path) -> N
         assert pusher_state["status"] == "degraded" and pusher_state["platform"] == "unreachable"
         assert pusher_state["lastSuccess"] is None and pusher_state["consecutiveFailures"] >= 1
         assert datetime.fromisoformat(pusher_state["lastFailure"]) > datetime.now(UTC) - timedelta(minutes=1)
+
+
+def test_reconciliation_asks_the_platform_and_compares(tmp_path: Path) -> None:
+    """SPEC R7.3 with the strict test platform: stored, pushed and the platform's counts agree."""
+    port = free_port()
+    environ = {
+        "GATEWAY_PLATFORM_ENABLED": "true",
+        "GATEWAY_PLATFORM_URL": f"http://127.0.0.1:{port}",
+        "GATEWAY_PLATFORM_APP_ID": "gw-test",
+        "GATEWAY_PLATFORM_SECRET": "test-secret",
+        "GATEWAY_PLATFORM_TIMEOUT": "2s",
+    }
+    with LiveGateway(tmp_path, environ) as live:
+        admin = live.token("admin")
+        day = datetime.now(SHANGHAI).date()
+        status, body = live.get(f"/v1/reconciliation?date={day}", admin)
+        assert status == 200 and body["platform"]["status"] == "unavailable"  # not listening yet
+        assert "cannot be reached" in body["platform"]["error"] and body["consistent"] is False
+        live.call(listen, live.reactor, port=port)
+        ids = [
+            add_rating(live.gateway.store, f"REC-{n}", level=Level(1 + n % 5), rated_at=datetime.now(UTC))
+            for n in range(7)
+        ]
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            status, body = live.get(f"/v1/reconciliation?date={day}", admin)
+            if body["totals"]["pushed"] == len(ids):
+                break
+            time.sleep(0.05)
+        assert body["platform"] == {"status": "ok", "error": None}
+        assert body["totals"] == {"stored": 7, "pushed": 7, "platform": 7} and body["consistent"] is True
+        assert body == reconcile(live.gateway.store, day, live.config.platform).as_json()
