@@ -38,6 +38,7 @@ from gateway import cli
 from gateway.config import load_config
 from gateway.testing.asterisk import CallResult, place_call
 from gateway.testing.reactor import run_on_reactor
+from gateway.testing.smsc import Smsc
 from storage.store import ROLES, Store
 from tests.test_gateway_process import free_port
 
@@ -99,6 +100,7 @@ class Harness:
     gateway: subprocess.Popen[bytes]
     platform: subprocess.Popen[bytes]
     platform_log: Path
+    smsc: Smsc
     tokens: dict[str, str] = field(default_factory=dict)
     done: set[str] = field(default_factory=set)
 
@@ -186,6 +188,7 @@ def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
         dict(os.environ),
         platform_log,
     )
+    smsc = Smsc().start()  # the SMS channel is on too, against the project's SMSC peer
     http_port, agi_port = free_port(), free_port()
     env = {
         **os.environ,
@@ -198,10 +201,16 @@ def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
         "GATEWAY_PLATFORM_APP_ID": "gw-test",
         "GATEWAY_PLATFORM_SECRET": "priv-secret",
         "GATEWAY_PLATFORM_TIMEOUT": "2s",
+        "GATEWAY_SMPP_ENABLED": "true",
+        "GATEWAY_SMPP_PORT": str(smsc.port),
+        "GATEWAY_SMPP_SYSTEM_ID": "gateway",
+        "GATEWAY_SMPP_PASSWORD": "secret",
+        "GATEWAY_SMS_INVITE_DELAY": "0s",
+        "GATEWAY_SMS_QUIET_HOURS": "",
     }
     log = tmp / "gateway.log"
     gateway = _start([sys.executable, "-m", "gateway", "run"], env, log)
-    harness = Harness(tmp, env, f"http://127.0.0.1:{http_port}", agi_port, log, gateway, platform, platform_log)
+    harness = Harness(tmp, env, f"http://127.0.0.1:{http_port}", agi_port, log, gateway, platform, platform_log, smsc)
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -225,6 +234,7 @@ def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 process.kill()
+        smsc.stop()
 
 
 # -- what this process logs ---------------------------------------------------------------------
@@ -378,6 +388,23 @@ def drive_cli_ratings(h: Harness) -> None:
     assert h.cli("reconcile", "--date", h.today(), "--no-platform") in (0, cli.EXIT_DIFFERENCES)
 
 
+def drive_sms(h: Harness) -> None:
+    """An invitation to the citizen's number, its receipt, replies with a name and an ID number in
+    the comment, an unclear reply, an opt-out, a reply from the number in another form."""
+    completed = datetime.now(ZoneInfo("Asia/Shanghai")).isoformat()
+    record = {"id": "PRIV-SMS-1", "kind": "matter", "mobile": PHONE, "completed_at": completed, "matter_name": NAME}
+    assert h.request("POST", "/v1/service-records", role="intake", body=record)[0] in (200, 201)
+    smsc = h.smsc
+    invitations = smsc.wait_for(lambda: [s for s in smsc.accepted() if s.destination == PHONE], timeout=15)
+    source = invitations[0].source  # type: ignore[index]
+    before = len(smsc.accepted())
+    smsc.send_mo("86" + PHONE, source, f"2 我是{NAME}，身份证{ID_CARD}，电话{PHONE}")
+    smsc.wait_for(lambda: len(smsc.accepted()) > before, timeout=10)  # the thanks
+    smsc.send_mo("+86" + PHONE, source, f"{NAME}{ID_CARD}")
+    smsc.send_mo(PHONE, "10690012345", "ＴＤ")
+    smsc.wait_for(lambda: all(d.status == 0 for d in smsc.deliveries()) and len(smsc.deliveries()) >= 3, timeout=10)
+
+
 @dataclass(frozen=True)
 class PrivacyPath:
     name: str
@@ -393,6 +420,7 @@ PATHS = [
     PrivacyPath("push", drive_push, "event=platform.pushed"),
     PrivacyPath("csv-import", drive_csv_import),
     PrivacyPath("cli-ratings", drive_cli_ratings),
+    PrivacyPath("sms", drive_sms, "event=sms.reply"),
 ]
 
 
