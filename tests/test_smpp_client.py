@@ -218,6 +218,7 @@ def test_parts_are_submitted_within_the_window_and_each_gets_its_message_id() ->
         state = client.state()
         assert state["bound"] and state["submitted_total"] == 60 and state["queued"] == 0
         assert state["bind_mode"] == "transceiver" and smsc.binds == 1
+        assert smsc.pdus()[0]["sequence"] == 1  # smpplib's own counter would start at 2
 
     with_client({}, scenario, window=4, rate=300.0)
     assert max(in_use) <= 4
@@ -788,3 +789,17 @@ def test_an_smsc_that_goes_silent_is_noticed_and_reconnected(answer_bind: bool, 
                 assert 0x15 in silent.commands  # enquire_link
 
         run_on_reactor(scenario)
+
+
+@pytest.mark.parametrize(
+    "command", ["deliver_sm_resp", "data_sm_resp", "enquire_link_resp", "unbind_resp", "generic_nack"]
+)
+@pytest.mark.parametrize(("sequence", "status"), [(1, 0), (0x7FFFFFFF, 0x64), (4242, 0x03)])
+def test_answers_are_the_bytes_smpplib_builds(command: str, sequence: int, status: int) -> None:
+    import smpplib.smpp
+
+    from gateway.sms.smpp import _PARSING, _response
+
+    reference = smpplib.smpp.make_pdu(command, client=_PARSING, status=status)
+    reference.sequence = sequence
+    assert _response(command, sequence, status) == reference.generate()

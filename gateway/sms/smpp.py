@@ -31,11 +31,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import queue
 import random
 import select
 import socket
+import struct
 import threading
 import time
 from collections import deque
@@ -179,10 +181,21 @@ def _parse(raw: bytes) -> Any:
     return smpplib.smpp.parse_pdu(raw, client=_PARSING, allow_unknown_opt_params=True)
 
 
-def _response(command: str, sequence: int, status: int = ESME_ROK) -> bytes:
-    pdu = smpplib.smpp.make_pdu(command, client=_PARSING, status=status)
-    pdu.sequence = sequence
+@functools.cache
+def _response_template(command: str) -> bytes:
+    pdu = smpplib.smpp.make_pdu(command, client=_PARSING)
+    pdu.sequence = 0
     return bytes(pdu.generate())
+
+
+def _response(command: str, sequence: int, status: int = ESME_ROK) -> bytes:
+    """An answer PDU as smpplib builds it, with its status and sequence number written in.
+
+    Built once per command and patched, as one is written for every receipt (smpplib takes
+    about 20 µs to build each).
+    """
+    template = _response_template(command)
+    return template[:8] + struct.pack(">LL", status, sequence) + template[16:]
 
 
 # ---------------------------------------------------------------------------------------------
