@@ -200,3 +200,17 @@ def test_a_record_committed_late_is_found_by_the_periodic_look_back(harness: Any
         clock.advance(1)
     assert len(table(store, invitations)) == 2
     service.stopService()
+
+
+def test_a_part_the_client_cannot_encode_fails_the_attempt_instead_of_looping(harness: Any) -> None:
+    service, client, clock, store = harness
+    completed(store, "M-1")
+    service.startService()
+    clock.advance(0)
+    for _, d in client.sent:
+        d.errback(ValueError("source_addr is longer than 20 characters"))
+    client.sent = []
+    clock.advance(0)
+    [message] = table(store, messages)
+    assert message["status"] == "queued" and message["attempts"] == 1 and message["error"] == "unencodable"
+    service.stopService()

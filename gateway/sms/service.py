@@ -239,6 +239,9 @@ class SmsService(service.Service):
         elif failure.check(SubmitOutcomeUnknown, NotSubmitted):
             self.counters["unknown"] += 1
             flight.unknown = True
+        elif failure.check(ValueError):  # the part cannot be encoded (an address too long): never sent
+            self.counters["rejected"] += 1
+            flight.error = "unencodable"
         else:
             log.error("event=sms.submit_bug error=%s", failure.getErrorMessage())
             flight.unknown = True
