@@ -6,7 +6,9 @@ Two kinds of figures, and why:
   age): every instance sharing a store reports the same values, so they are right whichever
   process stored a rating (FastAGI, SMS, ``gateway import``, another instance). They are read in
   a store thread (never on the reactor), at most once per ``store_interval`` seconds however
-  often Prometheus scrapes. Aggregate them across instances with ``max``, not ``sum``.
+  often Prometheus scrapes, and incrementally (:class:`storage.queries.StoreFigureCounter`):
+  only rows new since the last scrape are counted. Aggregate them across instances with
+  ``max``, not ``sum``.
 - **Of this process** (push request latency and counts, AGI sessions, the SMPP link): read from
   the live objects when scraped; sum them across instances.
 
@@ -26,7 +28,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
-from storage.queries import StoreFigures, store_figures
+from storage.queries import StoreFigureCounter, StoreFigures
 
 #: What ``/metrics`` answers with (the text exposition format 0.0.4).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -53,6 +55,7 @@ class GatewayMetrics:
         self.agi_stats: Any = None  # gateway.ivr.fastagi.CallStats
         self.pusher: Any = None  # gateway.platform.pusher.Pusher
         self.smpp_state: dict[str, Any] | None = None
+        self._counter = StoreFigureCounter()
         self._figures: StoreFigures | None = None
         self._figures_at: float | None = None
         self._store_up = 0
@@ -87,7 +90,7 @@ class GatewayMetrics:
             return defer.succeed(None)
         refreshing = self._refreshing
         if refreshing is None:  # scrapes arriving meanwhile wait for the same query
-            refreshing = self._refreshing = self.store.run(store_figures, self.store.store)
+            refreshing = self._refreshing = self.store.run(self._counter.figures, self.store.store)
             refreshing.addCallbacks(self._got, self._failed)
         waiter: defer.Deferred[None] = defer.Deferred()
         refreshing.addBoth(lambda _: waiter.callback(None))

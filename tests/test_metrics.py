@@ -8,7 +8,7 @@ platform tokens only.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from gateway.platform.pusher import HttpAnswer
 from gateway.rating import Channel, Level, ServiceKind
 from gateway.testing.asterisk import place_call
 from storage.outbox import Outbox
+from storage.queries import StoreFigureCounter, store_figures
 from storage.store import Store
 from tests.live_gateway import LiveGateway
 from tests.test_operator_api import add_rating
@@ -290,3 +291,36 @@ def test_metrics_answer_in_the_exposition_format_with_help_for_every_family(tmp_
     assert {"hcp_ratings", "hcp_outbox_records", "hcp_outbox_oldest_pending_age_seconds", "hcp_store_up"} <= names
     assert {"hcp_agi_sessions_active", "hcp_agi_sessions", "hcp_smpp_window_in_use", "hcp_smpp_bound"} <= names
     assert all(family.documentation for family in families)
+
+
+def test_the_store_figures_are_counted_incrementally_and_agree_with_a_full_count(store: Store) -> None:
+    """A scrape after a year costs what the first one did: only rows new since the last settled id
+    are counted, and rows younger than the settling time are counted afresh each time."""
+    counter = StoreFigureCounter(settle_seconds=60)
+    add_call_ratings(store, 5)
+    age_rows(store, seconds=30)  # not settled yet: counted afresh, not taken into the totals
+    assert counter.figures(store) == store_figures(store)
+    assert counter._ratings_through == 0
+    age_rows(store, seconds=120)
+    first = counter.figures(store)
+    assert counter._ratings_through == 5 and sum(first.ratings.values()) == 5
+    outbox = Outbox(store)
+    pending = outbox.pending_ids()
+    outbox.mark_pushed(pending[:3], "batch-1")
+    outbox.mark_rejected({pending[3]: "bad"})
+    add_call_ratings(store, 4, start=5)
+    again = counter.figures(store)
+    assert again == store_figures(store)
+    assert again.outbox == {"pending": 5, "pushed": 3, "rejected": 1}
+    assert sum(again.ratings.values()) == 9
+
+
+def age_rows(store: Store, *, seconds: float) -> None:
+    from sqlalchemy import update
+
+    from storage.schema import outbox, ratings
+
+    then = datetime.now(UTC) - timedelta(seconds=seconds)
+    with store.engine.begin() as connection:
+        connection.execute(update(ratings).values(created_at=then))
+        connection.execute(update(outbox).values(created_at=then))
