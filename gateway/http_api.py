@@ -541,7 +541,7 @@ def _time_arg(args: dict[str, str], name: str) -> datetime | None:
         if name == "to" and len(args[name].strip()) == 10:
             moment += timedelta(days=1)  # a date alone means the whole day
         if not 1900 <= moment.year <= 9000:
-            raise ValueError(f"{args[name]!r} is not a year between 1900 and 9000")
+            raise ValueError("is out of range: give a time in the years 1900 to 9000")
     except (ValueError, OverflowError) as error:
         raise ApiError(400, f"{name}: {error}") from None
     return moment

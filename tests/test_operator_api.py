@@ -136,6 +136,7 @@ def test_filters_combine_and_a_mismatch_finds_nothing(live: LiveGateway, operato
         ("agent=A%00B", "control characters"),
         ("from=yesterday", "from: 'yesterday' is not an ISO 8601 time"),
         ("to=9999-12-31", "to: "),
+        ("from=1850-01-01", "from: is out of range: give a time in the years 1900 to 9000"),
         ("from=2026-11-21&to=2026-11-20T00:00:00%2B08:00", "to must be later than from"),
         ("agent=A1&limit=0", "limit must be between 1 and 1000"),
         ("agent=A1&limit=ten", "limit must be a whole number"),
