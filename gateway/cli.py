@@ -189,6 +189,9 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     except ValueError:
         print(f"--date {args.date!r} is not a date; write it YYYY-MM-DD", file=sys.stderr)
         return EXIT_USAGE
+    if not 1970 <= day.year <= 9998:
+        print(f"--date {args.date!r} is not a day the gateway can have ratings of", file=sys.stderr)
+        return EXIT_USAGE
     config = _load(args)
     result = reconcile(Store.from_config(config), day, None if args.no_platform else config.platform)
     print(json.dumps(result.as_json(), ensure_ascii=False, indent=2) if args.json else format_text(result))

@@ -127,3 +127,5 @@ def test_gateway_reconcile_prints_stored_pushed_and_the_platforms_counts(
     assert answer["status"] == "unavailable" and "cannot be reached" in answer["error"]
     assert main(["reconcile", "--date", "22/11/2026"]) == 2
     assert "write it YYYY-MM-DD" in capsys.readouterr().err
+    assert main(["reconcile", "--date", "0001-01-01"]) == 2  # a sentence, not an OverflowError
+    assert "not a day the gateway can have ratings of" in capsys.readouterr().err
