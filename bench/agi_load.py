@@ -37,7 +37,7 @@ import tempfile
 import time
 import wave
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from twisted.internet import defer, task
@@ -186,12 +186,18 @@ class LoadResult:
     delivered: dict[str, str]  # call id → key that reached a GET OPTION of the rating menu
     round_trips_ms: list[float]
     failures: int
+    by_command: dict[str, list[float]] = field(default_factory=dict)  # command verb → round trips
     driver_cpu: float = 0.0  # CPU seconds of the load generator
     server_cpu: float = 0.0  # CPU seconds of the server process during the load
 
     @property
     def rated(self) -> int:
         return len(self.delivered)
+
+
+def command_verb(line: bytes) -> str:
+    """``GET OPTION``, ``STREAM FILE``, ``SET VARIABLE``, ``CHANNEL STATUS``: the command's first two words."""
+    return b" ".join(line.split()[:2]).decode("ascii", "replace")
 
 
 def analyse(call_id: str, result: sim.CallResult, out: LoadResult) -> None:
@@ -209,7 +215,9 @@ def analyse(call_id: str, result: sim.CallResult, out: LoadResult) -> None:
         elif line.direction == ">>":
             asked_menu = line.data.startswith(b"GET OPTION hcp/hcp-rating-menu")
             if last_answer is not None:
-                out.round_trips_ms.append((line.time - last_answer) * TIME_SCALE * 1000)
+                round_trip = (line.time - last_answer) * TIME_SCALE * 1000
+                out.round_trips_ms.append(round_trip)
+                out.by_command.setdefault(command_verb(line.data), []).append(round_trip)
                 last_answer = None
     if result.agi_status == "FAILURE" or result.timed_out:
         out.failures += 1
@@ -296,6 +304,7 @@ def measure(
             data["delivered"],
             data["round_trips_ms"],
             data["failures"],
+            data["by_command"],
             data["driver_cpu"],
             server_cpu,
         )
@@ -334,6 +343,7 @@ def drive(port: int, calls: int, concurrency: int, seed: int) -> None:
                 "delivered": load.delivered,
                 "round_trips_ms": load.round_trips_ms,
                 "failures": load.failures,
+                "by_command": load.by_command,
                 "driver_cpu": load.driver_cpu,
             }
         )
@@ -365,6 +375,11 @@ def main() -> None:
         default=["gateway", "pyst2"],
         help="what to load, one after the other (asyncio: a bare asyncio handler, the floor of this machine)",
     )
+    parser.add_argument(
+        "--by-command",
+        action="store_true",
+        help="also the round trip by command: which answer the server is slow to follow (e.g. the rating's write)",
+    )
     parser.add_argument("--drive", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.drive:
@@ -379,11 +394,11 @@ def main() -> None:
     for concurrency in args.concurrency:
         calls = args.calls or min(10_000, max(200, 200 * concurrency))
         for placement in args.placement:
-            exit_status |= compare(args.servers, calls, concurrency, args.seed, placement)
+            exit_status |= compare(args.servers, calls, concurrency, args.seed, placement, args.by_command)
     sys.exit(exit_status)
 
 
-def compare(servers: list[str], calls: int, concurrency: int, seed: int, placement: str) -> int:
+def compare(servers: list[str], calls: int, concurrency: int, seed: int, placement: str, by_command: bool) -> int:
     """One level, each server in turn; 1 if the gateway lost or invented a rating."""
     exit_status = 0
     for name, factory in (SERVERS[server] for server in servers):
@@ -401,6 +416,13 @@ def compare(servers: list[str], calls: int, concurrency: int, seed: int, placeme
             + (f" (failures {load.failures})" if load.failures else ""),
             flush=True,
         )
+        if by_command:
+            for verb, round_trips in sorted(load.by_command.items()):
+                print(
+                    f"{'':<16} {'':<9} {'':>5} {len(round_trips):>6} {verb:<24}"
+                    f"{percentile(round_trips, 50):>6.1f}ms {percentile(round_trips, 99):>6.1f}ms",
+                    flush=True,
+                )
     return exit_status
 
 
