@@ -1055,9 +1055,11 @@ def test_classic_agi_script_that_handles_sighup_gets_511_after_the_hangup(
 
 
 def test_classic_agi_non_zero_exit_is_failure(classic_script: Path) -> None:
+    # Real time: the key comes 1.5 s in, inside the script's 5 s wait however slowly a loaded
+    # machine starts the interpreter (at 1/10 time it could come before the script asked).
     result = run_classic_agi(
-        [str(classic_script)], "w0.5 d2", {"EXIT_STATUS": "3"},
-        interpreter=[sys.executable], time_scale=0.1, timeout=20,
+        [str(classic_script)], "w1.5 d2", {"EXIT_STATUS": "3"},
+        interpreter=[sys.executable], timeout=20,
     )  # fmt: skip
     assert (result.agi_status, result.exit_status) == ("FAILURE", 3)
     assert result.variables == {"RATING": "2"}
