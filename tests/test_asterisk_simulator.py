@@ -1004,7 +1004,7 @@ def test_classic_agi_rates_over_stdin_and_stdout(classic_script: Path) -> None:
         "w1.5 d1",
         {},
         interpreter=[sys.executable],
-        time_scale=0.1,
+        time_scale=0.5,  # the key at 0.75 s: after the interpreter has started, even on a loaded machine
         timeout=20,
     )
     assert (result.agi_status, result.exit_status) == ("SUCCESS", 0)
