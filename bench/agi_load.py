@@ -47,7 +47,9 @@ sys.path.insert(0, str(REPO))
 
 from gateway.testing import asterisk as sim  # noqa: E402
 
-TIME_SCALE = 0.01  # 1 simulated second = 10 ms: prompts keep their proportions, calls are short
+#: 1 simulated second = 10 ms: prompts keep their proportions, calls are short. With 500 callers
+#: that is 100x the call rate of 500 real callers; ``--time-scale`` changes it.
+TIME_SCALE = 0.01
 
 # (weight, name, caller script in simulated seconds); the menu prompt lasts 14.5 s.
 PATHS = [
@@ -200,7 +202,7 @@ def command_verb(line: bytes) -> str:
     return b" ".join(line.split()[:2]).decode("ascii", "replace")
 
 
-def analyse(call_id: str, result: sim.CallResult, out: LoadResult) -> None:
+def analyse(call_id: str, result: sim.CallResult, out: LoadResult, time_scale: float) -> None:
     """The key the simulated Asterisk delivered to the rating menu, and each command's round trip."""
     last_answer: float | None = None
     asked_menu = False
@@ -215,7 +217,7 @@ def analyse(call_id: str, result: sim.CallResult, out: LoadResult) -> None:
         elif line.direction == ">>":
             asked_menu = line.data.startswith(b"GET OPTION hcp/hcp-rating-menu")
             if last_answer is not None:
-                round_trip = (line.time - last_answer) * TIME_SCALE * 1000
+                round_trip = (line.time - last_answer) * time_scale * 1000
                 out.round_trips_ms.append(round_trip)
                 out.by_command.setdefault(command_verb(line.data), []).append(round_trip)
                 last_answer = None
@@ -224,7 +226,7 @@ def analyse(call_id: str, result: sim.CallResult, out: LoadResult) -> None:
 
 
 def run_load(
-    reactor: object, port: int, calls: int, concurrency: int, tag: str, seed: int
+    reactor: object, port: int, calls: int, concurrency: int, tag: str, seed: int, time_scale: float
 ) -> defer.Deferred[LoadResult]:
     rng = random.Random(seed)
     weights = [w for w, _, _ in PATHS]
@@ -240,13 +242,13 @@ def run_load(
             port,
             f"rating?call_id={call_id}&agent=A{index % 300}&work_order=WO-{index}",
             script.format(key=rng.choice("12345")),
-            time_scale=TIME_SCALE,
+            time_scale=time_scale,
             timeout=120,
             connect_timeout=30,
             prompt_seconds=seconds,
             agi_env={"agi_uniqueid": call_id},
         )
-        return deferred.addCallback(lambda result: analyse(call_id, result, out))
+        return deferred.addCallback(lambda result: analyse(call_id, result, out, time_scale))
 
     def calls_iter() -> Iterator[defer.Deferred[None]]:
         for index in range(calls):
@@ -267,7 +269,7 @@ def run_load(
 
 
 def measure(
-    server_factory: object, calls: int, concurrency: int, seed: int, placement: str
+    server_factory: object, calls: int, concurrency: int, seed: int, placement: str, time_scale: float
 ) -> tuple[LoadResult, dict[str, str]]:
     """Start a server, load it in a child process's reactor, stop it, read back what it stored."""
     server_cpus, driver_cpus = PLACEMENTS[placement]
@@ -287,6 +289,8 @@ def measure(
                     str(concurrency),
                     "--seed",
                     str(seed),
+                    "--time-scale",
+                    str(time_scale),
                 ],
                 capture_output=True,
                 text=True,
@@ -311,7 +315,7 @@ def measure(
         return load, server.stored()
 
 
-def drive(port: int, calls: int, concurrency: int, seed: int) -> None:
+def drive(port: int, calls: int, concurrency: int, seed: int, time_scale: float) -> None:
     """The load generator's own process (one reactor, so that every level starts fresh).
 
     It shares the machine with the server, and its own delays count in every round trip it
@@ -327,7 +331,8 @@ def drive(port: int, calls: int, concurrency: int, seed: int) -> None:
     results: list[LoadResult] = []
 
     def go(_reactor: object) -> defer.Deferred[None]:
-        return run_load(reactor, port, calls, concurrency, f"{concurrency}.{seed}", seed).addCallback(results.append)
+        tag = f"{concurrency}.{seed}"
+        return run_load(reactor, port, calls, concurrency, tag, seed, time_scale).addCallback(results.append)
 
     try:
         task.react(go)
@@ -380,12 +385,21 @@ def main() -> None:
         action="store_true",
         help="also the round trip by command: which answer the server is slow to follow (e.g. the rating's write)",
     )
+    parser.add_argument(
+        "--time-scale",
+        type=float,
+        default=TIME_SCALE,
+        help="real seconds per simulated second (default 0.01: callers and prompts 100x faster than life)",
+    )
     parser.add_argument("--drive", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.drive:
-        drive(args.drive, args.calls, args.concurrency[0], args.seed)
+        drive(args.drive, args.calls, args.concurrency[0], args.seed, args.time_scale)
         return
-    print(f"FastAGI load, time scale {TIME_SCALE} (prompts and caller timing 100x faster than life)")
+    print(
+        f"FastAGI load, time scale {args.time_scale} "
+        f"(prompts and caller timing {1 / args.time_scale:.0f}x faster than life)"
+    )
     print(
         f"{'server':<16} {'placement':<9} {'conc':>5} {'calls':>6} {'rated':>6} {'calls/s':>8} {'rated/s':>8} "
         f"{'rtt p50':>8} {'rtt p99':>8} {'srv cpu':>8} {'gen cpu':>8}  check"
@@ -394,15 +408,19 @@ def main() -> None:
     for concurrency in args.concurrency:
         calls = args.calls or min(10_000, max(200, 200 * concurrency))
         for placement in args.placement:
-            exit_status |= compare(args.servers, calls, concurrency, args.seed, placement, args.by_command)
+            exit_status |= compare(
+                args.servers, calls, concurrency, args.seed, placement, args.time_scale, args.by_command
+            )
     sys.exit(exit_status)
 
 
-def compare(servers: list[str], calls: int, concurrency: int, seed: int, placement: str, by_command: bool) -> int:
+def compare(
+    servers: list[str], calls: int, concurrency: int, seed: int, placement: str, time_scale: float, by_command: bool
+) -> int:
     """One level, each server in turn; 1 if the gateway lost or invented a rating."""
     exit_status = 0
     for name, factory in (SERVERS[server] for server in servers):
-        load, stored = measure(factory, calls, concurrency, seed, placement)
+        load, stored = measure(factory, calls, concurrency, seed, placement, time_scale)
         wrong = {k for k in load.delivered if stored.get(k) != load.delivered[k]}
         extra = set(stored) - set(load.delivered)
         ok = not wrong and not extra
