@@ -123,7 +123,8 @@ def run_call(
             outputs += call.receive_data(b"HANGUP\n")
 
 
-def main() -> int:
+def main(early_hangup: Callable[[], bool] = lambda: False) -> int:
+    """``early_hangup``: whether SIGHUP came before pyst2 took it over (see ``agi_script``)."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="gateway-agi %(message)s")
     path = os.environ.get("GATEWAY_CONFIG") or (str(DEFAULT_CONFIG) if DEFAULT_CONFIG.exists() else None)
     try:
@@ -134,7 +135,11 @@ def main() -> int:
         return 1
     store = Store.from_config(config, upgrade=False)
     with open(os.devnull, "w") as quiet:  # pyst2 echoes the environment, caller number included
-        environment, hung_up = read_environment(sys.stdin.buffer, quiet)  # type: ignore[arg-type]
+        environment, pyst2_hung_up = read_environment(sys.stdin.buffer, quiet)  # type: ignore[arg-type]
+
+    def hung_up() -> bool:
+        return early_hangup() or pyst2_hung_up()
+
     call = RatingCall(dialogue_settings(config), check_script=False)
     try:
         return run_call(sys.stdin.buffer, sys.stdout.buffer, store, call, environment, hung_up)
