@@ -141,7 +141,7 @@ def make_engine(url: str, *, threads: int = 8) -> Engine:
             # FULL: a commit returns only once the WAL is on disk, so a rating the caller was
             # thanked for survives a power loss too (SPEC R2.4); NORMAL would survive only a
             # crash of the process. The group commit pays one fsync per batch, not per rating
-            # (measured: +0.1-0.3 ms per transaction, docs/performance.md).
+            # (measured: +0.2-0.3 ms for a one-write transaction, docs/performance.md).
             cursor.execute("PRAGMA synchronous=FULL")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
