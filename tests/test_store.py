@@ -272,6 +272,34 @@ def test_group_commit_stores_exactly_what_the_one_by_one_path_stores(store: Stor
     assert [row["is_attempt"] for row in rated["bulk"]] == [row["is_attempt"] for row in rated["one"]]
 
 
+def test_a_failed_bulk_write_is_rolled_back_and_every_write_redone_alone(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """E.g. another instance counted a rating of the same call a moment ago: nothing half-written."""
+
+    def racing(connection: object, items: object) -> None:
+        store.tx_unrated_call(connection, hand_off={"call_id": "half-written"}, reason="timeout")  # type: ignore[arg-type]
+        raise RuntimeError("UNIQUE constraint failed: ratings.service_record_id, ratings.visit_id")
+
+    monkeypatch.setattr(store, "bulk_call_rating", racing)
+    hand_off = {"call_id": "c-1", "linked_id": None}
+    results = store.write_together(
+        [
+            ("call_rating", {"hand_off": hand_off, "level": Level.SATISFIED, "key": "2", "rated_at": NOW}),
+            ("unrated_call", {"hand_off": {"call_id": "c-2", "linked_id": None}, "reason": "hangup"}),
+            ("rating_detail", {"record_id": "ev-unknown", "reasons": "attitude"}),
+            ("call_rating", {"hand_off": hand_off, "level": Level.VERY_SATISFIED, "key": "1", "rated_at": NOW}),
+        ]
+    )
+    assert [r[1] if isinstance(r, tuple) else r for r in results] == [True, None, None, False]
+    assert store.get_service_record("half-written") is None  # the failed bulk write left nothing
+    assert (store.get_service_record("c-2") or {}).get("unratedReason") == "hangup"
+    assert [(r.level, r.is_attempt) for r in store.find_ratings(call_id="c-1")] == [
+        (Level.SATISFIED, False),
+        (Level.VERY_SATISFIED, True),
+    ]
+
+
 def test_group_commit_of_unrated_calls_never_marks_a_rated_call(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     """SPEC R2.3/R2.4: a call with a rating is never recorded not rated, in bulk as one by one."""
     store.record_call_rating({"call_id": "c-1"}, level=Level.SATISFIED, key="2", rated_at=NOW)
