@@ -803,3 +803,41 @@ def test_answers_are_the_bytes_smpplib_builds(command: str, sequence: int, statu
     reference = smpplib.smpp.make_pdu(command, client=_PARSING, status=status)
     reference.sequence = sequence
     assert _response(command, sequence, status) == reference.generate()
+
+
+def test_no_wake_up_is_lost_when_a_command_comes_while_the_wake_socket_is_drained() -> None:
+    """The reactor puts a command at the worst moment: while the I/O thread drains its wake-up
+    socket. That command is taken, and the next one still wakes the thread at once (a lost
+    wake-up left it waiting for select's one-second timeout)."""
+    import random
+    import select
+
+    from gateway.sms.smpp import _Link
+
+    link = _Link(smpp_config(1), lambda events: None, time.monotonic, random.Random(1))
+    part = SubmitPart("13800138000", "10690012345", "好".encode("utf-16-be"), 0)
+    wake = link._wake_r
+
+    class RacingSocket:
+        raced = False
+
+        def recv(self, size: int) -> bytes:
+            if not self.raced:
+                self.raced = True
+                link.command("submit", 2, part)
+            return wake.recv(size)
+
+        def fileno(self) -> int:
+            return wake.fileno()
+
+    try:
+        link.command("submit", 1, part)
+        link._wake_r = RacingSocket()  # type: ignore[assignment]
+        link._drain_wake()
+        link._take_commands(time.monotonic())
+        assert [queued.token for queued in link.pending] == [1, 2]
+        link.command("submit", 3, part)
+        assert select.select([wake], [], [], 0)[0] == [wake]
+    finally:
+        wake.close()
+        link._wake_w.close()

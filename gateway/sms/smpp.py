@@ -370,12 +370,20 @@ class _Link:
         return min(times)
 
     def _drain_wake(self) -> None:
-        self._woken = False
+        """Empty the wake-up socket, then let the reactor wake us again; commands are taken after.
+
+        In this order no wake-up is lost: a command put while the socket is drained finds the
+        flag still set and sends nothing, but is taken just after; one put after the flag is
+        cleared sends a byte. Clearing first lost one: a byte sent between the clearing and the
+        draining was swallowed with the flag left set, and the next command waited for select's
+        one-second timeout.
+        """
         try:
             while self._wake_r.recv(4096):
                 pass
         except BlockingIOError:
             pass
+        self._woken = False
 
     # -- commands from the reactor ------------------------------------------------------------------
 
