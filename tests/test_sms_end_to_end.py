@@ -294,16 +294,22 @@ def test_gateway_run_sends_resumes_after_a_restart_and_records_the_reply(tmp_pat
             "GATEWAY_SMS_QUIET_HOURS": "",
         }
         first = start_gateway(tmp_path, env)
-        token = first.cli("token", "create", "--role", "intake", "--name", "crm").stdout.strip()
-        completed_at = datetime.now(SHANGHAI).isoformat()
-        records = [
-            {"id": f"R-{n}", "kind": "matter", "mobile": f"138{n:08d}", "completed_at": completed_at} for n in range(30)
-        ]
-        status, body = first.request("POST", "/v1/service-records", {"records": records}, token=token)
-        assert status in (200, 201, 207), body
-        smsc.wait_for(lambda: len(smsc.accepted()) >= 10, timeout=20)
-        first.process.send_signal(signal.SIGTERM)
-        assert first.process.wait(timeout=30) == 0
+        try:
+            token = first.cli("token", "create", "--role", "intake", "--name", "crm").stdout.strip()
+            completed_at = datetime.now(SHANGHAI).isoformat()
+            records = [
+                {"id": f"R-{n}", "kind": "matter", "mobile": f"138{n:08d}", "completed_at": completed_at}
+                for n in range(30)
+            ]
+            status, body = first.request("POST", "/v1/service-records", {"records": records}, token=token)
+            assert status in (200, 201, 207), body
+            smsc.wait_for(lambda: len(smsc.accepted()) >= 10, timeout=20)
+            first.process.send_signal(signal.SIGTERM)
+            assert first.process.wait(timeout=30) == 0
+        finally:
+            if first.process.poll() is None:  # a failed assertion must not leave it running
+                first.process.kill()
+                first.process.wait(timeout=10)
         sent_before = len(smsc.accepted())
         assert sent_before < 60  # stopped mid-way: 30 invitations are 60 parts
 
