@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, and_, create_engine, event, func, insert, select, text, update
+from sqlalchemy import Engine, create_engine, event, func, insert, select, text, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
@@ -719,67 +719,24 @@ class Store:
         limit: int = 100,
         offset: int = 0,
     ) -> list[StoredRating]:
-        """Ratings linked to a call, work order, agent or service record (operators' view)."""
-        s, r = service_records.c, ratings.c
-        conditions = []
-        for column, value in (
-            (s.call_id, call_id),
-            (s.linked_id, linked_id),
-            (s.work_order, work_order),
-            (s.agent_id, agent_id),
-            (s.external_id, service_id),
-        ):
-            if value is not None:
-                conditions.append(column == value)
-        if since is not None:
-            conditions.append(r.rated_at >= since)
-        if until is not None:
-            conditions.append(r.rated_at < until)
-        query = (
-            select(
-                ratings,
-                s.external_id,
-                s.kind,
-                s.call_id,
-                s.linked_id,
-                s.work_order,
-                s.agent_id,
-                s.matter_code,
-                s.department_code,
-                s.mobile_masked,
+        """Ratings linked to a call, work order, agent or service record (operators' view).
+
+        One page of :func:`storage.queries.find_ratings_page`, the look-up the API uses too.
+        """
+        from storage.queries import find_ratings_page  # it builds on this module
+
+        filters = {
+            name: value
+            for name, value in (
+                ("call_id", call_id),
+                ("linked_id", linked_id),
+                ("work_order", work_order),
+                ("agent", agent_id),
+                ("service_id", service_id),
             )
-            .join(service_records, r.service_record_id == s.id)
-            .where(and_(*conditions))
-            .order_by(r.rated_at, r.id)
-            .limit(limit)
-            .offset(offset)
-        )
-        with self.engine.connect() as connection:
-            rows = connection.execute(query).mappings().all()
-        return [
-            StoredRating(
-                record_id=row["record_id"],
-                level=Level(row["level"]),
-                channel=row["channel"],
-                raw_input=row["raw_input"],
-                comment=row["comment"],
-                reasons=row["reasons"],
-                is_default=row["is_default"],
-                is_follow_up=row["is_follow_up"],
-                is_attempt=row["is_attempt"],
-                rated_at=row["rated_at"],
-                service_id=row["external_id"],
-                kind=row["kind"],
-                call_id=row["call_id"],
-                linked_id=row["linked_id"],
-                work_order=row["work_order"],
-                agent_id=row["agent_id"],
-                matter_code=row["matter_code"],
-                department_code=row["department_code"],
-                mobile_masked=row["mobile_masked"],
-            )
-            for row in rows
-        ]
+            if value is not None
+        }
+        return list(find_ratings_page(self, filters, since=since, until=until, limit=limit, offset=offset).items)
 
     # -- API tokens (SPEC R5.2) ----------------------------------------------------------------
 
