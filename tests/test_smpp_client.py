@@ -20,7 +20,6 @@ from typing import Any
 
 import pytest
 from twisted.internet import defer, task
-from twisted.internet.selectreactor import SelectReactor
 from twisted.python.failure import Failure
 
 from gateway.config import load_config
@@ -35,6 +34,7 @@ from gateway.sms.smpp import (
 from gateway.sms.text import encode_ucs2_parts
 from gateway.testing import smsc as smsc_module
 from gateway.testing.node_smsc import NodeSmsc
+from gateway.testing.reactor import run_on_reactor, sleep
 from gateway.testing.smsc import Fault, Smsc, encode_pdu, nth
 
 # -- harness -------------------------------------------------------------------------------------
@@ -59,36 +59,6 @@ def smpp_config(port: int, **overrides: Any) -> Any:
     }
     values.update(overrides)
     return dataclasses.replace(load_config(environ={}).smpp, **values)
-
-
-def run_on_reactor(scenario: Callable[[Any], Awaitable[Any]], timeout: float = 15.0) -> Any:
-    """Run ``scenario(reactor)`` on a fresh reactor of its own (pytest has none running)."""
-    reactor = SelectReactor()
-    outcome: list[Any] = []
-
-    def finish(result: Any) -> None:
-        outcome.append(result)
-        if reactor.running:
-            reactor.stop()
-
-    reactor.callWhenRunning(lambda: defer.ensureDeferred(scenario(reactor)).addBoth(finish))
-    guard = reactor.callLater(timeout, finish, Failure(TimeoutError(f"scenario still running after {timeout} s")))
-    reactor.run(installSignalHandlers=False)
-    if guard.active():
-        guard.cancel()
-    for call in reactor.getDelayedCalls():
-        call.cancel()
-    reactor.disconnectAll()
-    result = outcome[0]
-    if isinstance(result, Failure):
-        result.raiseException()
-    return result
-
-
-async def sleep(reactor: Any, seconds: float) -> None:
-    waiting: defer.Deferred[None] = defer.Deferred()
-    reactor.callLater(seconds, waiting.callback, None)
-    await waiting
 
 
 async def until(reactor: Any, condition: Callable[[], object], timeout: float, what: str) -> None:
