@@ -9,7 +9,7 @@ When the platform fails, the pusher as a whole backs off (capped, jittered, Retr
 honoured) and releases its claims; records keep no timers of their own, so a backlog flows at
 full speed as soon as the platform answers again. A commit in this process that writes to the
 outbox wakes the pusher at once (:meth:`Pusher.wake`); ratings stored by other processes are
-found by polling: every second when idle, every 50 ms for a while after work. Every timer runs
+found by polling: every 250 ms when idle, every 50 ms for a while after work. Every timer runs
 on the injected clock.
 """
 
@@ -259,7 +259,7 @@ class Pusher(service.Service):
         timeout: float = 10.0,
         owner: str | None = None,
         workers: int = 2,
-        idle_poll: float = 1.0,
+        idle_poll: float = 0.25,
         busy_poll: float = 0.05,
         busy_window: float = 5.0,
         backoff: Backoff | None = None,
