@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ from twisted.internet.selectreactor import SelectReactor
 
 from gateway.app import Gateway, build_gateway
 from gateway.config import load_config
+from tests.http_client import http_request
 
 
 class LiveGateway:
@@ -79,17 +78,8 @@ class LiveGateway:
         raw: bytes | None = None,
         content_type: str = "application/json",
     ) -> tuple[int, dict[str, str], bytes]:
-        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-        request = urllib.request.Request(self.base + path, data=data, method=method)
-        if data is not None:
-            request.add_header("Content-Type", content_type)
-        if token:
-            request.add_header("Authorization", f"Bearer {token}")
         try:
-            with urllib.request.urlopen(request, timeout=20) as response:
-                return response.status, dict(response.headers), response.read()
-        except urllib.error.HTTPError as error:
-            return error.code, dict(error.headers), error.read()
+            return http_request(self.base + path, method, token=token, body=body, raw=raw, content_type=content_type)
         except OSError:
             return 0, {}, b""
 

@@ -9,14 +9,14 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.http_client import http_request
 
 pytestmark = pytest.mark.slow
 
@@ -43,17 +43,10 @@ class RunningGateway:
         raw: bytes | None = None,
         content_type: str = "application/json",
     ) -> tuple[int, Any]:
-        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-        request = urllib.request.Request(self.base + path, data=data, method=method)
-        if data is not None:
-            request.add_header("Content-Type", content_type)
-        if token:
-            request.add_header("Authorization", f"Bearer {token}")
-        try:
-            with urllib.request.urlopen(request, timeout=10) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as error:
-            return error.code, json.loads(error.read() or b"null")
+        status, _, payload = http_request(
+            self.base + path, method, token=token, body=body, raw=raw, content_type=content_type, timeout=10
+        )
+        return status, json.loads(payload or b"null")
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(

@@ -40,6 +40,7 @@ from gateway.testing.asterisk import CallResult, place_call
 from gateway.testing.reactor import run_on_reactor
 from gateway.testing.smsc import Smsc
 from storage.store import ROLES, Store
+from tests.http_client import http_request
 from tests.test_gateway_process import free_port
 
 pytestmark = pytest.mark.slow
@@ -114,21 +115,15 @@ class Harness:
         raw: bytes | None = None,
         content_type: str = "application/json",
     ) -> tuple[int, Any]:
-        import urllib.error
-        import urllib.request
-
-        data = raw if raw is not None else (json.dumps(body, ensure_ascii=False).encode() if body is not None else None)
-        request = urllib.request.Request(self.base + path, data=data, method=method)
-        if data is not None:
-            request.add_header("Content-Type", content_type)
-        if role:
-            request.add_header("Authorization", f"Bearer {self.tokens[role]}")
-        try:
-            with urllib.request.urlopen(request, timeout=20) as response:
-                payload = response.read()
-                status = response.status
-        except urllib.error.HTTPError as error:
-            payload, status = error.read(), error.code
+        status, _, payload = http_request(
+            self.base + path,
+            method,
+            token=self.tokens[role] if role else None,
+            body=body,
+            raw=raw,
+            content_type=content_type,
+            ensure_ascii=False,
+        )
         try:
             return status, json.loads(payload)
         except ValueError:
