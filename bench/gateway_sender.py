@@ -5,12 +5,11 @@ gateway's :class:`gateway.sms.service.SmsService` leases them, submits them thro
 :class:`gateway.sms.smpp.SmppClient`, keeps each part's SMSC message id and marks each message
 ``submitted`` in group commits. The clock stops when the store says every message is
 submitted: store → SMSC → acknowledged → store updated. The reactor is the one ``gateway run``
-uses (asyncio).
+uses (epoll), a fresh one per run.
 """
 
 from __future__ import annotations
 
-import asyncio
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -19,7 +18,7 @@ from typing import Any
 
 from sqlalchemy import func, insert, select
 from twisted.internet import defer
-from twisted.internet.asyncioreactor import AsyncioSelectorReactor
+from twisted.internet.epollreactor import EPollReactor
 
 from gateway.config import load_config
 from gateway.privacy import normalise_phone
@@ -122,8 +121,7 @@ def run_gateway_sender(
     store = Store.from_config(config)
     settings = SmsSettings.from_config(config)
     queue_messages(store, phones, body, settings.source_addr)
-    loop = asyncio.new_event_loop()
-    reactor = AsyncioSelectorReactor(loop)
+    reactor = EPollReactor()
     outcome: dict[str, Any] = {}
 
     async def scenario() -> None:
@@ -167,7 +165,6 @@ def run_gateway_sender(
 
     reactor.callWhenRunning(run)
     reactor.run(installSignalHandlers=False)
-    loop.close()
     store.engine.dispose()
     if "error" in outcome:
         outcome["error"].raiseException()

@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/push.py --records 20000 --rate 200 --seconds 10
 
-Two measurements, each in a fresh SQLite store, the pusher on the asyncio reactor as in
-``gateway run``, the platform in a process of its own (``python -m gateway.testing.platform``):
+Two measurements, each in a fresh SQLite store, the pusher on the reactor of
+``gateway run`` (epoll), the platform in a process of its own (``python -m gateway.testing.platform``):
 
 1. throughput: N ratings already pending; records/s until the platform has acknowledged all;
 2. latency: ratings stored at a steady rate (group-committed through the store thread, as the
@@ -29,19 +29,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import asyncioreactor
+from twisted.internet import defer, reactor, task
 
-asyncioreactor.install()
-
-from twisted.internet import defer, reactor, task  # noqa: E402
-
-from gateway.platform.pusher import HttpAnswer, PlatformClient, Pusher  # noqa: E402
-from gateway.privacy import DataProtector  # noqa: E402
-from gateway.rating import Level  # noqa: E402
-from gateway.testing.platform import seed_call_ratings  # noqa: E402
-from storage import migrate  # noqa: E402
-from storage.deferred import DeferredStore, GroupWriter  # noqa: E402
-from storage.store import Store, make_engine  # noqa: E402
+from gateway.platform.pusher import HttpAnswer, PlatformClient, Pusher
+from gateway.privacy import DataProtector
+from gateway.rating import Level
+from gateway.testing.platform import seed_call_ratings
+from storage import migrate
+from storage.deferred import DeferredStore, GroupWriter
+from storage.store import Store, make_engine
 
 APP_ID, SECRET = "gw-bench", "bench-secret"
 
