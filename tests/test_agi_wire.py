@@ -46,6 +46,7 @@ from gateway.ivr.agi import (
     verbose,
     wait_for_digit,
 )
+from gateway.ivr.agi import _parse_any_response as parse_any_response
 
 # --------------------------------------------------------------------------------------------
 # Transcripts
@@ -283,6 +284,41 @@ def test_every_line_asterisk_sent_after_the_environment_parses(path):
         if isinstance(parsed, Response) and parsed.continues:
             block_code = parsed.code
     assert block_code is None, f"{path.name}: a 520 block was never closed"
+
+
+SOME_ANSWERS = [
+    "200 result=50 endpos=13600",
+    "200 result=0",
+    "200 result=-1 endpos=0",
+    "200 result=0 endpos=3404\r",
+    "200 result= (timeout)",
+    "200 result=1 (very good service)",
+    "200 result=35 (dtmf) endpos=42518",
+    "200 result=0 Gosub complete",
+    "200 result=007 endpos=00",
+    "200 result=5 endpos=",
+    "200 result=5 endpos=x",
+    "200 result=5  endpos=1",
+    "201 result=5",
+    "511 Command Not Permitted on a dead channel or intercept routine",
+    "HANGUP",
+]
+
+
+@pytest.mark.parametrize("line", SOME_ANSWERS + [step.text for path in TRANSCRIPTS for step in load_transcript(path)])
+def test_the_quick_path_for_common_answers_reads_them_as_the_full_parser_does(line):
+    """``200 result=N [endpos=M]`` skips the general pattern; anything else goes through it."""
+    try:
+        expected: object = parse_any_response(line)
+    except AGIResponseError as error:
+        expected = ("error", str(error))
+    try:
+        got: object = parse_response(line)
+    except AGIResponseError as error:
+        got = ("error", str(error))
+    assert got == expected
+    if isinstance(got, Response):
+        assert got.line == line
 
 
 def test_fixture_directory_holds_transcripts():
@@ -650,6 +686,39 @@ def test_environment_arrives_in_any_chunks():
     assert isinstance(event, EnvironmentReady)
     assert event.request.language == "中文"
     assert conn.request is event.request
+
+
+def events_of(chunks: list[bytes]) -> list[object]:
+    conn = AGIConnection(max_line_length=200, max_environment_lines=8)
+    for chunk in chunks:
+        if chunk:  # b"" would be the end of input
+            conn.receive_data(chunk)
+    return [(type(e).__name__, getattr(e, "request", None), getattr(e, "reason", None)) for e in conn.events()]
+
+
+ENV_LINE = st.one_of(
+    st.sampled_from(["agi_request: x.py", "agi_arg_1: a=1", "agi_callerid: 138", "agi_language: 中文", "agi_x: "]),
+    st.from_regex(r"agi_[a-z0-9_]{1,6}: [ -~评\r]{0,30}", fullmatch=True),
+    st.sampled_from(["agi_bad", "agi_x:y", "GET / HTTP/1.1\r", "", "agi_y: " + "z" * 250, "HANGUP", "200 result=0"]),
+)
+
+
+@given(lines=st.lists(ENV_LINE, max_size=12), tail=st.sampled_from([b"", b"\n", b"\nHANGUP\n", b"\n200 result=0\n"]))
+def test_an_environment_block_given_whole_reads_as_it_does_line_by_line(lines, tail):
+    """The whole-block path is only a shortcut: same request, or the same error at the same line."""
+    data = "".join(line + "\n" for line in lines).encode("utf-8") + tail
+    whole = events_of([data])
+    assert whole == events_of([data[i : i + 1] for i in range(len(data))])
+    assert whole == events_of([data[:7], data[7:]])
+
+
+def test_environment_parsed_whole_holds_every_line():
+    conn = AGIConnection()
+    conn.receive_data(A_ENV + b"HANGUP\n")
+    ready, notice = drain(conn)
+    assert isinstance(ready, EnvironmentReady) and isinstance(notice, HangupNotice)
+    assert ready.request.env == dict(line.split(": ", 1) for line in A_ENV.decode().splitlines() if line)
+    assert conn.state is ConnectionState.IDLE
 
 
 def test_key_during_prompt_fixture_a():

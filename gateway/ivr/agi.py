@@ -131,6 +131,8 @@ class AGIRequest:
 
 
 _ENV_KEY = re.compile(r"agi_[A-Za-z0-9_]+")
+#: A block of well-formed ``agi_<name>: <value>`` lines, each ending in ``\n`` (no ``\r``).
+_ENV_BLOCK = re.compile(r"(?:agi_[A-Za-z0-9_]+: [^\r\n]*\n)+")
 _ARG_KEY = re.compile(r"agi_arg_([0-9]+)")
 _PARAM_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
 
@@ -180,6 +182,33 @@ class AGIEnvironmentParser:
     @property
     def complete(self) -> bool:
         return self.request is not None
+
+    def feed_block(self, block: bytes) -> AGIRequest | None:
+        """Take a whole block at once (its lines, each ending in ``\n``, without the empty line).
+
+        The common case on every call, in one pass: a well-formed block from Asterisk. Returns
+        None, having taken nothing, when the block is not plainly well-formed (a ``\r``, a bad
+        or repeated name, a line too long, too many lines, lines already fed): the caller then
+        feeds it line by line, and :meth:`feed_line` says what is wrong.
+        """
+        if (
+            self.request is not None
+            or self._env
+            or len(block) > self.max_line_length
+            or block.count(b"\n") > self.max_lines
+        ):
+            return None
+        text = block.decode("utf-8", errors="replace")
+        if not _ENV_BLOCK.fullmatch(text):
+            return None
+        lines = text.split("\n")
+        lines.pop()  # the block ends with "\n"
+        env = dict(line.split(": ", 1) for line in lines)
+        if len(env) != len(lines):  # a name given twice
+            return None
+        self._env = env
+        self.request = AGIRequest.from_env(env)
+        return self.request
 
     def feed_line(self, line: str) -> AGIRequest | None:
         """Take one line (its ``\\n`` removed); return the request once the block is complete."""
@@ -281,6 +310,7 @@ _RESULT = re.compile(
     re.DOTALL,
 )
 _PAIR = re.compile(r" ([A-Za-z_]+)=(\S*)")
+_SIMPLE_200 = re.compile(r"200 result=(-?[0-9]+)(?: endpos=([0-9]+))?")
 
 
 def parse_response(line: str) -> Response | HangupNotice:
@@ -305,6 +335,15 @@ def parse_response(line: str) -> Response | HangupNotice:
 
     Raises :class:`AGIResponseError` for anything else. A trailing ``\\r`` is ignored.
     """
+    simple = _SIMPLE_200.fullmatch(line)
+    if simple is not None:  # most answers: "200 result=N" or "200 result=N endpos=M"
+        endpos = simple.group(2)
+        return Response(code=200, result=simple.group(1), endpos=None if endpos is None else int(endpos), line=line)
+    return _parse_any_response(line)
+
+
+def _parse_any_response(line: str) -> Response | HangupNotice:
+    """:func:`parse_response` for every form of line."""
     text = line[:-1] if line.endswith("\r") else line
     if text == "HANGUP":
         return HangupNotice()
@@ -646,6 +685,8 @@ class AGIConnection:
         if self._state in (ConnectionState.ERROR, ConnectionState.CLOSED):
             return
         self._buffer += data
+        if self._state is ConnectionState.ENVIRONMENT:
+            self._take_environment_block()
         if b"\n" in data:
             *lines, rest = self._buffer.split(b"\n")
             self._buffer = rest  # what follows the last complete line; a failure drops it
@@ -658,6 +699,21 @@ class AGIConnection:
                     return
         if len(self._buffer) > self.max_line_length:
             self._fail(f"a line from Asterisk is longer than {self.max_line_length} bytes")
+
+    def _take_environment_block(self) -> None:
+        """Parse the environment block in one go once it is all here: it nearly always comes
+        in one segment, and one pass over it is a fraction of the cost of 20-odd lines fed one
+        by one. A block not plainly well-formed, or not complete yet, is left to the
+        line-by-line path, which gives the precise error at the first bad line."""
+        end = self._buffer.find(b"\n\n")
+        if end < 0:
+            return
+        request = self._environment.feed_block(bytes(self._buffer[: end + 1]))
+        if request is None:
+            return
+        del self._buffer[: end + 2]
+        self._state = ConnectionState.IDLE
+        self._events.append(EnvironmentReady(request))
 
     def receive_line(self, line: str) -> None:
         """Feed one line already split off (a trailing ``\\n``, if any, is removed)."""
