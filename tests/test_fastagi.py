@@ -166,6 +166,19 @@ def test_stalled_peer_is_cut_off_after_the_idle_timeout(
     assert writer.names() == ["unrated_call"]
 
 
+def test_the_idle_timeout_counts_from_the_last_thing_the_peer_sent(
+    factory: FastAGIFactory, writer: FakeWriter, clock: Clock
+) -> None:
+    call = start(factory)
+    clock.advance(20)
+    assert call.answer("200 result=0 endpos=100") == ['STREAM FILE hcp/hcp-rating-timeout ""']
+    clock.advance(29)  # 49 s after the start, 29 s after the answer
+    assert not call.transport.disconnecting
+    clock.advance(2)
+    assert call.transport.disconnecting or call.transport.disconnected
+    assert writer.names() == ["unrated_call"]
+
+
 @pytest.mark.parametrize(
     "garbage",
     [b"garbage from nowhere\n", b"200 result=\xff\xfe endpos=zz\n", b"x" * 20000, b"HANGUPHANGUP\n"],

@@ -75,6 +75,7 @@ class FastAGIProtocol(protocol.Protocol):
         self.push_held = False
         self.started = 0.0
         self._idle: IDelayedCall | None = None
+        self._heard = 0.0  # when the peer last sent something (clock seconds)
         self._send_now: Callable[[bytes], int | BaseException] | None = None
 
     # -- Twisted events ------------------------------------------------------------------------
@@ -85,10 +86,11 @@ class FastAGIProtocol(protocol.Protocol):
         self.started = time.monotonic()
         self.factory.stats.active += 1
         self.factory.stats.started += 1
-        self._reset_idle()
+        self._heard = self.factory.clock.seconds()
+        self._idle = self.factory.clock.callLater(self.factory.idle_timeout, self._check_idle)
 
     def dataReceived(self, data: bytes) -> None:
-        self._reset_idle()
+        self._heard = self.factory.clock.seconds()
         self._carry_out(self.call.receive_data(data))
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
@@ -204,11 +206,13 @@ class FastAGIProtocol(protocol.Protocol):
         self.factory.stats.store_failures += 1
         log.error("event=agi.store_failed call_id=%s write=%s error=%s", self.call.call_id, what, failure.type.__name__)
 
-    def _reset_idle(self) -> None:
-        if self._idle is not None and self._idle.active():
-            self._idle.reset(self.factory.idle_timeout)
+    def _check_idle(self) -> None:
+        """The idle timer: one per call, moved on only when it fires, not at every answer."""
+        quiet_for = self.factory.clock.seconds() - self._heard
+        if quiet_for < self.factory.idle_timeout:
+            self._idle = self.factory.clock.callLater(self.factory.idle_timeout - quiet_for, self._check_idle)
         else:
-            self._idle = self.factory.clock.callLater(self.factory.idle_timeout, self._stalled)
+            self._stalled()
 
     def _cancel_idle(self) -> None:
         if self._idle is not None and self._idle.active():
