@@ -138,12 +138,13 @@ _PARAM_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
 
 
 def _arguments(env: Mapping[str, str]) -> tuple[str, ...]:
-    numbered = []
-    for key, value in env.items():
-        match = _ARG_KEY.fullmatch(key)
-        if match:
-            numbered.append((int(match.group(1)), value))
-    return tuple(value for _, value in sorted(numbered))
+    numbered = [
+        (int(key[8:]), value)
+        for key, value in env.items()
+        if key.startswith("agi_arg_") and _ARG_KEY.fullmatch(key)  # the test first: most keys are not arguments
+    ]
+    numbered.sort()
+    return tuple(value for _, value in numbered)
 
 
 def _query_params(query: str) -> Iterator[tuple[str, str]]:
