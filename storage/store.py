@@ -12,6 +12,7 @@ import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +57,20 @@ _PLAIN_FIELDS = (
 
 
 _DERIVED = ("mobile_enc", "mobile_masked", "email_enc")
-# What the AGI hand-off may set on a call's service record (every row of a bulk insert has them all).
-_CALL_RECORD_FIELDS = ("agent_id", "work_order", "queue", "matter_code", "mobile_enc", "mobile_hash", "mobile_masked")
+# The columns of a call's service record that differ from call to call in a bulk insert.
+_NEW_CALL_RECORD = (
+    "external_id",
+    "call_id",
+    "linked_id",
+    "unrated_reason",
+    "agent_id",
+    "work_order",
+    "queue",
+    "matter_code",
+    "mobile_enc",
+    "mobile_hash",
+    "mobile_masked",
+)
 
 
 class StoreError(Exception):
@@ -413,30 +426,43 @@ class Store:
         hand_offs: list[dict[str, Any]],
         now: datetime,
         unrated: dict[str, str] | None = None,
-    ) -> tuple[dict[str, int], set[int]]:
+    ) -> tuple[dict[str, int], set[int], set[int]]:
         """call id → service record id for many calls at once, creating the unknown ones.
 
         The same look-up order as :meth:`find_or_create_call_record`: Asterisk unique id,
-        record id, then linked id. ``unrated`` gives new records their not-rated reason.
-        Also returns the ids of the records created here, which have no rating yet.
+        record id, then linked id, all read by one query. ``unrated`` gives new records their
+        not-rated reason. Also returns the ids of the records created here, which have no
+        rating yet, and those of the records found that have a counted rating already.
         """
         sql = self._driver_sql(connection)
         call_ids = sorted({hand_off.get("call_id") or "" for hand_off in hand_offs})
+        linked_ids = sorted({hand_off["linked_id"] for hand_off in hand_offs if hand_off.get("linked_id")})
+        # Literals, not parameters: SQLite prepares a statement again at every execution when a
+        # parameter stands in a partial index's condition (uq_ratings_counted), about 30 us.
+        no = sql.literal(ratings.c.is_attempt, False)
+        marks = sql.marks(len(call_ids))
+        where = f"call_id IN ({marks}) OR external_id IN ({marks})"
+        if linked_ids:
+            where += f" OR linked_id IN ({sql.marks(len(linked_ids))})"
+        rows = sql.rows(
+            connection,
+            "SELECT id, call_id, external_id, linked_id, kind, EXISTS (SELECT 1 FROM ratings "
+            f"WHERE ratings.service_record_id = service_records.id AND ratings.is_attempt = {no} "
+            f"AND ratings.is_follow_up = {no} AND ratings.visit_id = '') "
+            f"FROM service_records WHERE {where} ORDER BY id",
+            [*call_ids, *call_ids, *linked_ids],
+        )
         wanted = set(call_ids)
         known: dict[str, int] = {}
         by_record_id: dict[str, int] = {}
-        marks = sql.marks(len(call_ids))
-        rows = sql.rows(
-            connection,
-            f"SELECT id, call_id, external_id FROM service_records "
-            f"WHERE call_id IN ({marks}) OR external_id IN ({marks}) ORDER BY id",
-            [*call_ids, *call_ids],
-        )
-        for pk, call_id, external_id in rows:
+        rated: set[int] = set()
+        for pk, call_id, external_id, _, _, counted in rows:
             if call_id in wanted:
                 known.setdefault(call_id, pk)
             if external_id in wanted:
                 by_record_id.setdefault(external_id, pk)
+            if counted:
+                rated.add(pk)
         for call_id, pk in by_record_id.items():
             known.setdefault(call_id, pk)
         linked = {
@@ -445,45 +471,47 @@ class Store:
             if (hand_off.get("call_id") or "") not in known and hand_off.get("linked_id")
         }
         if linked:
-            rows = sql.rows(
-                connection,
-                f"SELECT id, linked_id FROM service_records "
-                f"WHERE linked_id IN ({sql.marks(len(linked))}) AND kind = {sql.mark} ORDER BY id",
-                [*linked, "call"],
-            )
-            for pk, linked_id in rows:
-                known.setdefault(linked[linked_id], pk)
-        new_records: dict[str, dict[str, Any]] = {}
+            for pk, _, _, linked_id, kind, _ in rows:
+                if kind == "call" and linked_id in linked:
+                    known.setdefault(linked[linked_id], pk)
+        new_records: dict[str, tuple[Any, ...]] = {}
         for hand_off in hand_offs:
             call_id = hand_off.get("call_id") or ""
             if call_id not in known and call_id not in new_records:
-                new_records[call_id] = {
-                    "external_id": call_id,
-                    "kind": "call",
-                    "call_id": call_id,
-                    "linked_id": hand_off.get("linked_id"),
-                    "completed_at": now,
-                    "created_at": now,
-                    "updated_at": now,
-                    "unrated_reason": (unrated or {}).get(call_id),
-                    **{column: None for column in _CALL_RECORD_FIELDS},
-                    **{k: v for k, v in self._call_fields(hand_off).items() if v},
-                }
+                fields = self._call_fields(hand_off)
+                new_records[call_id] = (
+                    call_id,
+                    call_id,
+                    hand_off.get("linked_id"),
+                    (unrated or {}).get(call_id),
+                    fields["agent_id"] or None,
+                    fields["work_order"] or None,
+                    fields["queue"] or None,
+                    fields["matter_code"] or None,
+                    fields.get("mobile_enc") or None,
+                    fields.get("mobile_hash") or None,
+                    fields.get("mobile_masked") or None,
+                )
         created: set[int] = set()
         if new_records:
             for pk, external_id in sql.insert(
-                connection, service_records, list(new_records.values()), returning=("id", "external_id")
+                connection,
+                service_records,
+                _NEW_CALL_RECORD,
+                list(new_records.values()),
+                same={"kind": "call", "completed_at": now, "created_at": now, "updated_at": now},
+                returning=("id", "external_id"),
             ):
                 known[external_id] = pk
                 created.add(pk)
-        return known, created
+        return known, created, rated
 
     def bulk_unrated_call(self, connection: Connection, items: list[dict[str, Any]]) -> list[None]:
         """Many calls that ended not rated (SPEC R2.3), as :meth:`tx_unrated_call` does for one."""
         sql = self._driver_sql(connection)
         now = utcnow()
         reasons = {(item["hand_off"].get("call_id") or ""): item["reason"] for item in items}
-        known, created = self._call_records(connection, [item["hand_off"] for item in items], now, unrated=reasons)
+        known, created, _ = self._call_records(connection, [item["hand_off"] for item in items], now, unrated=reasons)
         by_reason: dict[str, list[int]] = {}
         for call_id, reason in reasons.items():
             if known[call_id] not in created:  # a new record got its reason when created
@@ -505,63 +533,47 @@ class Store:
         moment ago); :meth:`write_together` then redoes the writes one by one.
         """
         sql = self._driver_sql(connection)
-        r = ratings.c
         now = utcnow()
-        known, created = self._call_records(connection, [item["hand_off"] for item in items], now)
-        # Only records that existed before may have a rating or a not-rated mark already.
+        known, created, rated = self._call_records(connection, [item["hand_off"] for item in items], now)
+        # Only records that existed before may have a not-rated mark already.
         existing = sorted({known[item["hand_off"].get("call_id") or ""] for item in items} - created)
-        rated: set[int] = set()
-        if existing:
-            no = sql.value(r.is_attempt, False)
-            rated.update(
-                pk
-                for (pk,) in sql.rows(
-                    connection,
-                    f"SELECT service_record_id FROM ratings WHERE service_record_id IN ({sql.marks(len(existing))}) "
-                    f"AND is_attempt = {sql.mark} AND is_follow_up = {sql.mark} AND visit_id = {sql.mark}",
-                    [*existing, no, no, ""],
-                )
-            )
-        rating_rows: list[dict[str, Any]] = []
+        rating_rows: list[tuple[Any, ...]] = []
         results: list[tuple[str, bool]] = []
         for item in items:
             pk = known[item["hand_off"].get("call_id") or ""]
             counted = pk not in rated
             rated.add(pk)
             record_id = ids.new_id("ev")
-            rating_rows.append(
-                {
-                    "record_id": record_id,
-                    "service_record_id": pk,
-                    "level": int(item["level"]),
-                    "channel": Channel.VOICE.value,
-                    "raw_input": item["key"],
-                    "comment": None,
-                    "reasons": None,
-                    "is_default": False,
-                    "is_attempt": not counted,
-                    "rated_at": item["rated_at"],
-                    "created_at": now,
-                }
-            )
+            rating_rows.append((record_id, pk, int(item["level"]), item["key"], not counted, item["rated_at"]))
             results.append((record_id, counted))
-        inserted = sql.insert(connection, ratings, rating_rows, returning=("id", "record_id"))
+        inserted = sql.insert(
+            connection,
+            ratings,
+            ("record_id", "service_record_id", "level", "raw_input", "is_attempt", "rated_at"),
+            rating_rows,
+            same={
+                "channel": Channel.VOICE.value,
+                "comment": None,
+                "reasons": None,
+                "is_default": False,
+                "created_at": now,
+            },
+            returning=("id", "record_id"),
+        )
         rating_pks = {record_id: pk for pk, record_id in inserted}
         outbox_rows = [
-            {
-                "record_id": row["record_id"],
-                "record_type": "evaluation",
-                "rating_id": rating_pks[row["record_id"]],
-                "status": "pending",
-                "attempts": 0,
-                "next_attempt_at": push_after or now,
-                "created_at": now,
-            }
-            for row, push_after in zip(rating_rows, (item.get("push_after") for item in items), strict=True)
-            if not row["is_attempt"]
+            (record_id, rating_pks[record_id], item.get("push_after") or now)
+            for item, (record_id, counted) in zip(items, results, strict=True)
+            if counted
         ]
         if outbox_rows:
-            sql.insert(connection, outbox, outbox_rows)
+            sql.insert(
+                connection,
+                outbox,
+                ("record_id", "rating_id", "next_attempt_at"),
+                outbox_rows,
+                same={"record_type": "evaluation", "status": "pending", "attempts": 0, "created_at": now},
+            )
         if existing:
             sql.execute(
                 connection,
@@ -796,14 +808,18 @@ class _BulkWriteFailed(Exception):
 class _DriverSQL:
     """The group commit's statements as the driver's own SQL, values converted as Core would.
 
-    Core builds, caches and compiles each statement and converts each value on every execute
-    (about 0.1 ms per statement: most of a small group commit's CPU, in the thread that shares
-    the GIL with the calls). The few statements of the bulk paths run hundreds of times a
-    second, so their text is written here once, and every value goes through its column type's
-    own bind processor for the dialect, the very function Core would call (``UTCDateTime`` to
-    naive UTC, then SQLite's text form; booleans to 0/1 on SQLite): the rows stored are the
-    same as Core's on SQLite and PostgreSQL (``tests/test_store.py`` compares them). Columns
-    left out of a row get their scalar Python-side default, as Core fills them in.
+    Core builds, caches and compiles each statement, converts each value and wraps each
+    cursor in a result on every execute (about 0.1 ms per statement: most of a small group
+    commit's CPU, in the thread that shares the GIL with the calls). The few statements of
+    the bulk paths run hundreds of times a second, so their text is written here once and
+    they run on the DBAPI cursor of the transaction's own connection. Every value goes
+    through its column type's own bind processor for the dialect, the very function Core
+    would call (``UTCDateTime`` to naive UTC, then SQLite's text form; booleans to 0/1 on
+    SQLite), once per statement for a value every row shares: the rows stored are the same
+    as Core's on SQLite and PostgreSQL (``tests/test_store.py`` compares them). Columns left
+    out of a row get their scalar Python-side default, as Core fills them in. The engine's
+    ``before/after_cursor_execute`` listeners still see each statement (the pusher wakes on
+    ``INSERT INTO outbox``), with no execution context.
     """
 
     #: Bound values in one statement: below SQLite's 32,766 and PostgreSQL's 65,535.
@@ -813,7 +829,8 @@ class _DriverSQL:
         self.dialect = dialect
         self.mark = "?" if dialect.paramstyle == "qmark" else "%s"
         self._processors: dict[Any, Any] = {}
-        self._plans: dict[tuple[str, tuple[str, ...]], tuple[str, list[tuple[str, Any, Any]]]] = {}
+        self._literals: dict[tuple[Any, Any], str] = {}
+        self._plans: dict[tuple[str, tuple[str, ...], tuple[str, ...]], _InsertPlan] = {}
 
     def marks(self, count: int) -> str:
         return ", ".join([self.mark] * count)
@@ -831,56 +848,119 @@ class _DriverSQL:
         process = self.processor(column)
         return value if process is None or value is None else process(value)
 
-    def rows(self, connection: Connection, statement: str, params: list[Any]) -> list[Any]:
-        return list(connection.exec_driver_sql(statement, tuple(params)))
+    def literal(self, column: Any, value: Any) -> str:
+        """``value`` written into SQL text for ``column``, as Core renders a literal."""
+        key = (column, value)
+        if key not in self._literals:
+            render = column.type.dialect_impl(self.dialect).literal_processor(self.dialect)
+            self._literals[key] = str(render(value))
+        return self._literals[key]
 
-    def execute(self, connection: Connection, statement: str, params: list[Any]) -> None:
-        connection.exec_driver_sql(statement, tuple(params))
+    def rows(self, connection: Connection, statement: str, params: Sequence[Any]) -> list[Any]:
+        return self._run(connection, statement, tuple(params), fetch=True)
 
-    def _plan(self, table: Any, names: tuple[str, ...]) -> tuple[str, list[tuple[str, Any, Any]]]:
-        key = (table.name, names)
+    def execute(self, connection: Connection, statement: str, params: Sequence[Any]) -> None:
+        self._run(connection, statement, tuple(params))
+
+    def _run(
+        self, connection: Connection, statement: str, params: Any, *, many: bool = False, fetch: bool = False
+    ) -> Any:
+        dispatch = connection.dispatch
+        cursor = connection.connection.cursor()
+        try:
+            if dispatch.before_cursor_execute:
+                for listener in dispatch.before_cursor_execute:
+                    statement, params = listener(connection, cursor, statement, params, None, many)
+            if many:
+                cursor.executemany(statement, params)
+            else:
+                cursor.execute(statement, params)
+            rows = cursor.fetchall() if fetch else None
+            if dispatch.after_cursor_execute:
+                dispatch.after_cursor_execute(connection, cursor, statement, params, None, many)
+            return rows
+        except self.dialect.loaded_dbapi.Error as error:
+            # As Core does: a connection lost is not given back to the pool, so the redo gets a live one.
+            if self.dialect.is_disconnect(error, connection.connection.dbapi_connection, cursor):
+                connection.invalidate(error)
+            raise
+        finally:
+            cursor.close()
+
+    def _plan(self, table: Any, names: tuple[str, ...], same: tuple[str, ...]) -> _InsertPlan:
+        key = (table.name, names, same)
         plan = self._plans.get(key)
         if plan is None:
-            columns = [table.c[name] for name in names]
-            columns += [
+            given = (*names, *same)
+            defaults = [
                 column
                 for column in table.c
-                if column.name not in names and column.default is not None and column.default.is_scalar
+                if column.name not in given and column.default is not None and column.default.is_scalar
             ]
-            sql = f"INSERT INTO {table.name} ({', '.join(column.name for column in columns)}) VALUES "
-            plan = (
-                sql,
-                [
-                    (column.name, None if column.name in names else column.default.arg, self.processor(column))
-                    for column in columns
-                ],
+            columns = [*given, *(column.name for column in defaults)]
+            per_row = [(index, self.processor(table.c[name])) for index, name in enumerate(names)]
+            plan = _InsertPlan(
+                f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES ",
+                f"({self.marks(len(columns))})",
+                [(index, process) for index, process in per_row if process is not None],
+                [self.processor(table.c[name]) for name in same],
+                tuple(self.value(column, column.default.arg) for column in defaults),
             )
             self._plans[key] = plan
         return plan
 
     def insert(
-        self, connection: Connection, table: Any, rows: list[dict[str, Any]], returning: tuple[str, ...] = ()
+        self,
+        connection: Connection,
+        table: Any,
+        names: tuple[str, ...],
+        rows: list[tuple[Any, ...]],
+        *,
+        same: dict[str, Any] | None = None,
+        returning: tuple[str, ...] = (),
     ) -> list[Any]:
-        """Insert ``rows`` (dicts with the same keys); with ``returning``, those columns of each new row."""
-        sql, plan = self._plan(table, tuple(rows[0]))
-        values: list[tuple[Any, ...]] = []
-        for row in rows:
-            record = []
-            for name, default, process in plan:
-                value = row.get(name, default)
-                record.append(value if process is None or value is None else process(value))
-            values.append(tuple(record))
-        one_row = f"({self.marks(len(plan))})"
+        """Insert ``rows`` (values of the columns ``names``, in that order), each with the values in ``same``.
+
+        A value in ``same``, or one a row repeats from the row before (the batch's ``now``), is
+        converted once. With ``returning``, those columns of each new row.
+        """
+        same = same or {}
+        plan = self._plan(table, names, tuple(same))
+        shared = [
+            value if process is None or value is None else process(value)
+            for process, value in zip(plan.same, same.values(), strict=True)
+        ]
+        shared.extend(plan.defaults)
+        values = [[*row, *shared] for row in rows]
+        for index, process in plan.convert:
+            last = bound = None
+            for row in values:
+                value = row[index]
+                if value is not None:
+                    if value is not last:
+                        last, bound = value, process(value)
+                    row[index] = bound
         if not returning:
-            connection.exec_driver_sql(sql + one_row, values)  # executemany
+            self._run(connection, plan.sql + plan.one_row, values, many=True)
             return []
         returned: list[Any] = []
-        step = max(1, self.MAX_PARAMS // len(plan))
+        step = max(1, self.MAX_PARAMS // len(values[0]))
         for start in range(0, len(values), step):
             chunk = values[start : start + step]
-            statement = sql + ", ".join([one_row] * len(chunk)) + f" RETURNING {', '.join(returning)}"
-            returned.extend(connection.exec_driver_sql(statement, tuple(v for record in chunk for v in record)))
+            statement = plan.sql + ", ".join([plan.one_row] * len(chunk)) + f" RETURNING {', '.join(returning)}"
+            returned.extend(self._run(connection, statement, tuple(chain.from_iterable(chunk)), fetch=True))
         return returned
+
+
+@dataclass(frozen=True)
+class _InsertPlan:
+    """An insert's text up to VALUES, one row's marks, and how each value gets to the driver's form."""
+
+    sql: str
+    one_row: str
+    convert: list[tuple[int, Any]]  # (position in a row, bind processor) of the columns that have one
+    same: list[Any]  # the bind processor (or None) of each column given once for all rows
+    defaults: tuple[Any, ...]  # the Python-side defaults of the columns not given, in driver form
 
 
 def _token_hash(token: str) -> str:

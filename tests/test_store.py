@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 from gateway.intake import ServiceRecordInput
 from gateway.rating import Channel, Level, ServiceKind
@@ -316,3 +316,66 @@ def test_group_commit_of_unrated_calls_never_marks_a_rated_call(store: Store, mo
         ("c-7", "timeout"),
         ("c-8", "invalid"),
     ]
+
+
+def test_group_commit_finds_a_call_by_its_linked_id_as_the_one_by_one_path_does(store: Store) -> None:
+    """SPEC R2.1: an unknown unique id falls back to the linked id, on a call's record only, lowest id first."""
+    store.upsert_service_records(
+        [
+            matter("M-LINKED", linked_id="L-1"),  # not a call: never taken by a linked id
+            ServiceRecordInput(id="WO-FIRST", kind=ServiceKind.CALL, linked_id="L-1"),
+            ServiceRecordInput(id="WO-LATER", kind=ServiceKind.CALL, linked_id="L-1"),
+        ]
+    )
+
+    def rating(call_id: str, linked: str) -> tuple[str, dict[str, object]]:
+        hand_off = {"call_id": call_id, "linked_id": linked}
+        return "call_rating", {"hand_off": hand_off, "level": Level.SATISFIED, "key": "2", "rated_at": NOW}
+
+    results = store.write_together([rating("c-1", "L-1"), rating("c-2", "L-2")])
+    assert [r[1] for r in results] == [True, True]
+    assert [r.service_id for r in store.find_ratings(linked_id="L-1")] == ["WO-FIRST"]
+    assert [r.service_id for r in store.find_ratings(call_id="c-2")] == ["c-2"]  # a new record, as one by one
+
+
+def test_group_commit_statements_reach_the_engine_listeners(store: Store) -> None:
+    """The bulk path runs on the DBAPI cursor, yet listeners see it: the pusher wakes on outbox writes (R7.1)."""
+    seen: list[str] = []
+
+    def executed(connection: object, cursor: object, statement: str, *args: object) -> None:
+        seen.append(statement)
+
+    event.listen(store.engine, "after_cursor_execute", executed)
+    try:
+        hand_off = {"call_id": "c-1", "linked_id": None}
+        store.write_together(
+            [("call_rating", {"hand_off": hand_off, "level": Level.SATISFIED, "key": "2", "rated_at": NOW})]
+        )
+    finally:
+        event.remove(store.engine, "after_cursor_execute", executed)
+    assert any(statement.startswith("INSERT INTO outbox") for statement in seen)
+
+
+def test_a_bulk_write_the_database_refuses_is_redone_one_by_one(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A driver error on the DBAPI cursor (here the one-counted-rating index) rolls back and redoes alone."""
+    store.record_call_rating({"call_id": "c-1"}, level=Level.SATISFIED, key="2", rated_at=NOW)
+    looked_up = store._call_records
+
+    def missing_the_rating(*args: object, **kwargs: object) -> tuple[dict[str, int], set[int], set[int]]:
+        known, created, _ = looked_up(*args, **kwargs)  # type: ignore[arg-type]
+        return known, created, set()  # as if another instance counted its rating a moment ago
+
+    monkeypatch.setattr(store, "_call_records", missing_the_rating)
+    hand_off = {"call_id": "c-1", "linked_id": None}
+    results = store.write_together(
+        [
+            ("call_rating", {"hand_off": hand_off, "level": Level.VERY_SATISFIED, "key": "1", "rated_at": NOW}),
+            ("call_rating", {"hand_off": {"call_id": "c-2"}, "level": Level.SATISFIED, "key": "2", "rated_at": NOW}),
+        ]
+    )
+    assert [r[1] for r in results] == [False, True]
+    assert [(r.level, r.is_attempt) for r in store.find_ratings(call_id="c-1")] == [
+        (Level.SATISFIED, False),
+        (Level.VERY_SATISFIED, True),
+    ]
+    assert len(store.find_ratings(call_id="c-2")) == 1
