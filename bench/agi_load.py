@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import gc
 import json
 import os
@@ -40,7 +41,7 @@ import sys
 import tempfile
 import time
 import wave
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -189,10 +190,11 @@ SERVERS: dict[str, tuple[str, Callable[[Path, set[int] | None], Server]]] = {
 class LoadResult:
     calls: int
     seconds: float
-    delivered: dict[str, str]  # call id → key that reached a GET OPTION of the rating menu
-    round_trips_ms: list[float]
+    # repr=False: asyncio.run formats the finished main task, result included, when it ends
+    delivered: dict[str, str] = field(repr=False)  # call id → key that reached a GET OPTION of the rating menu
+    round_trips_ms: list[float] = field(repr=False)
     failures: int
-    by_command: dict[str, list[float]] = field(default_factory=dict)  # command verb → round trips
+    by_command: dict[str, list[float]] = field(default_factory=dict, repr=False)  # command verb → round trips
     driver_cpu: float = 0.0  # CPU seconds of the load generator
     server_cpu: float = 0.0  # CPU seconds of the server process during the load
 
@@ -206,27 +208,40 @@ def command_verb(line: bytes) -> str:
     return b" ".join(line.split()[:2]).decode("ascii", "replace")
 
 
-def analyse(call_id: str, result: sim.CallResult, out: LoadResult, time_scale: float) -> None:
-    """The key the simulated Asterisk delivered to the rating menu, and each command's round trip."""
+def analyse(
+    call_id: str, transcript: Iterable[tuple[float, str, bytes]], failed: bool, out: LoadResult, time_scale: float
+) -> None:
+    """The key the simulated Asterisk delivered to the rating menu, and each command's round trip.
+
+    ``transcript`` is ``(time, direction, data)`` per line, or per entry
+    (:attr:`~gateway.testing.asterisk.SimulatedChannel.transcript_entries`): the same figures,
+    since an answer's lines come at one time and the first of them is the answer.
+    """
     last_answer: float | None = None
     asked_menu = False
-    for line in result.transcript:
-        if line.direction == "<<":
+    for time_, direction, data in transcript:
+        if direction == "<<":
             if asked_menu and call_id not in out.delivered:
-                match = MENU_KEY.match(line.data)
+                match = MENU_KEY.match(data)
                 if match and chr(int(match[1])) in "12345":
                     out.delivered[call_id] = chr(int(match[1]))
             asked_menu = False
-            last_answer = line.time
-        elif line.direction == ">>":
-            asked_menu = line.data.startswith(b"GET OPTION hcp/hcp-rating-menu")
+            last_answer = time_
+        elif direction == ">>":
+            asked_menu = data.startswith(b"GET OPTION hcp/hcp-rating-menu")
             if last_answer is not None:
-                round_trip = (line.time - last_answer) * time_scale * 1000
+                round_trip = (time_ - last_answer) * time_scale * 1000
                 out.round_trips_ms.append(round_trip)
-                out.by_command.setdefault(command_verb(line.data), []).append(round_trip)
+                out.by_command.setdefault(command_verb(data), []).append(round_trip)
                 last_answer = None
-    if result.agi_status == "FAILURE" or result.timed_out:
+    if failed:
         out.failures += 1
+
+
+def analyse_result(call_id: str, result: sim.CallResult, out: LoadResult, time_scale: float) -> None:
+    """:func:`analyse` of a finished call's :class:`~gateway.testing.asterisk.CallResult`."""
+    lines = ((line.time, line.direction, line.data) for line in result.transcript)
+    analyse(call_id, lines, result.agi_status == "FAILURE" or result.timed_out, out, time_scale)
 
 
 def run_load(
@@ -252,7 +267,7 @@ def run_load(
             prompt_seconds=seconds,
             agi_env={"agi_uniqueid": call_id},
         )
-        return deferred.addCallback(lambda result: analyse(call_id, result, out, time_scale))
+        return deferred.addCallback(lambda result: analyse_result(call_id, result, out, time_scale))
 
     def calls_iter() -> Iterator[defer.Deferred[None]]:
         for index in range(calls):
@@ -272,77 +287,264 @@ def run_load(
     return defer.gatherResults(runners).addCallback(done)
 
 
-class AsteriskOnAsyncio(asyncio.Protocol):
+class AsteriskOnAsyncio:
     """:class:`gateway.testing.asterisk.SimulatedAsteriskProtocol` on asyncio, for ``--generator asyncio``.
 
     The same :class:`~gateway.testing.asterisk.SimulatedChannel` (the part that is faithful to
     the transcripts) driven the same way, event for event: start on connect, bytes and the
     program's half-close in, timers from ``next_wakeup``, the test's own time limit. Only the
-    carrier differs: an asyncio connection costs the generator less CPU than Twisted's client.
+    carrier differs, to spare the generator's CPU (it shares the machine with the server, so
+    every server's figures pay for it): a non-blocking socket watched by asyncio's loop, written
+    and closed as asyncio's socket transport does (``TCP_NODELAY``; what the kernel does not
+    take waits for the socket to be writable; ``close`` after the last byte, ``abort`` at once;
+    the end on the next turn), without a transport, ``create_connection`` or a task per call.
+    ``ended`` is called with this object once the connection is gone: :meth:`result` is the
+    :class:`~gateway.testing.asterisk.CallResult`, :attr:`failed` what the benchmark counts.
     """
 
-    def __init__(self, channel: sim.SimulatedChannel, time_scale: float, timeout: float) -> None:
+    #: What one ``recv`` takes at most, as asyncio's transport.
+    MAX_READ = 256 * 1024
+    _buffer = bytearray(MAX_READ)  # one for all calls: each read is copied out at once
+    _view = memoryview(_buffer)
+
+    def __init__(
+        self,
+        channel: sim.SimulatedChannel,
+        time_scale: float,
+        timeout: float,
+        ended: Callable[[AsteriskOnAsyncio], None],
+    ) -> None:
         self.channel = channel
-        self.finished: asyncio.Future[sim.CallResult] = asyncio.get_running_loop().create_future()
+        self.ended_by = "running"
+        self.timed_out = False
+        self.connect_failed = False
+        self.elapsed = 0.0
         self._loop = asyncio.get_running_loop()
         self._scale = time_scale
         self._timeout = timeout
-        self._transport: asyncio.Transport | None = None
+        self._ended = ended
+        self._sock: socket.socket | None = None
+        self._fd = -1
+        self._pending = bytearray()  # written, not yet taken by the kernel
+        self._connected = False
+        self._closing = False
+        self._lost = False
+        self._reading = False
         self._t0 = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._limit: asyncio.TimerHandle | None = None
-        self._timed_out = False
+        self._limit_at = 0.0  # the call's own limit, once connected
+
+    @property
+    def failed(self) -> bool:
+        """AGISTATUS FAILURE (connect failures included) or the time limit reached."""
+        return self.connect_failed or self.timed_out or self.channel.agi_status == "FAILURE"
+
+    def result(self) -> sim.CallResult:
+        """The call's result, as :class:`~gateway.testing.asterisk.SimulatedAsteriskProtocol` gives it."""
+        if self.connect_failed:
+            return self.channel.result(agi_status="FAILURE", ended_by="connect-failed")
+        return self.channel.result(elapsed=self.elapsed, ended_by=self.ended_by, timed_out=self.timed_out)
+
+    def connect(self, address: tuple[str, int], connect_timeout: float) -> None:
+        """Start connecting; a refusal or ``connect_timeout`` ends the call with AGISTATUS FAILURE."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._sock, self._fd = sock, sock.fileno()
+        # One timer for both limits: connecting, then the call's (set when the first one fires).
+        self._limit = self._loop.call_later(connect_timeout, self._limit_reached, True)
+        error = sock.connect_ex(address)
+        if error in (errno.EINPROGRESS, errno.EAGAIN, errno.EINTR):
+            self._loop.add_writer(self._fd, self._connect_done, address)
+        elif error:  # on the next turn, as a coroutine's failure: no recursion through the next call
+            self._loop.call_soon(self._connect_failed, OSError(error, f"Connect call failed {address}"))
+        else:
+            self._connection_made()
+
+    def _connect_done(self, address: tuple[str, int]) -> None:
+        if self._sock is None:  # the connect timeout came first
+            return
+        self._loop.remove_writer(self._fd)
+        error = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            self._connect_failed(OSError(error, f"Connect call failed {address}"))
+        else:
+            self._connection_made()
+
+    def _connect_failed(self, error: OSError) -> None:
+        """As ``create_connection`` under ``wait_for`` failing: the socket is closed, AGI() fails."""
+        if self._limit is not None:
+            self._limit.cancel()
+            self._limit = None
+        if self._sock is not None:
+            self._loop.remove_writer(self._fd)
+            self._sock.close()
+            self._sock = None
+        self.channel._note(f"cannot connect: {error}")
+        self.connect_failed = True
+        self.ended_by = "connect-failed"
+        self._ended(self)
+
+    def _limit_reached(self, connecting: bool) -> None:
+        self._limit = None
+        if not self._connected:
+            self._connect_failed(TimeoutError())
+        elif connecting:  # connected in time: now the call's own limit
+            self._limit = self._loop.call_at(self._limit_at, self._limit_reached, False)
+        else:
+            self._give_up()
 
     def _sim_now(self) -> float:
         return (self._loop.time() - self._t0) / self._scale
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport  # type: ignore[assignment]
+    def _connection_made(self) -> None:
+        self._connected = True
         self._t0 = self._loop.time()
-        self._limit = self._loop.call_later(self._timeout, self._give_up)
+        self._limit_at = self._t0 + self._timeout
+        if self._limit is not None and self._limit.when() > self._limit_at:  # a call limit shorter than connecting
+            self._limit.cancel()
+            self._limit = self._loop.call_at(self._limit_at, self._limit_reached, False)
         self._apply(self.channel.start(0.0))
+        if not self._closing:
+            self._reading = True
+            self._loop.add_reader(self._fd, self._read_ready)
 
-    def data_received(self, data: bytes) -> None:
-        self._apply(self.channel.receive_data(data, self._sim_now()))
+    def _read_ready(self) -> None:
+        if self._lost:
+            return
+        assert self._sock is not None
+        try:
+            size = self._sock.recv_into(self._buffer)
+        except (BlockingIOError, InterruptedError):
+            return
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as error:
+            self._fatal(error)
+            return
+        try:
+            if size:
+                self._apply(self.channel.receive_data(self._view[:size].tobytes(), self._sim_now()))
+            else:  # the program half-closed: Asterisk closes when the channel says so
+                self._stop_reading()
+                self._apply(self.channel.receive_eof(self._sim_now()))
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as error:
+            self._fatal(error)
 
-    def eof_received(self) -> bool:
-        self._apply(self.channel.receive_eof(self._sim_now()))
-        return True  # half-closed: Asterisk closes when the channel says so
+    def _stop_reading(self) -> None:
+        if self._reading:
+            self._reading = False
+            self._loop.remove_reader(self._fd)
 
-    def connection_lost(self, exc: Exception | None) -> None:
+    def _write(self, data: bytes) -> None:
+        if self._lost or not data:
+            return
+        if self._pending:
+            self._pending += data
+            return
+        assert self._sock is not None
+        try:
+            sent = self._sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as error:
+            self._fatal(error)
+            return
+        if sent < len(data):
+            self._pending += memoryview(data)[sent:]
+            self._loop.add_writer(self._fd, self._write_ready)
+
+    def _write_ready(self) -> None:
+        if self._lost:
+            return
+        assert self._sock is not None
+        try:
+            sent = self._sock.send(self._pending)
+        except (BlockingIOError, InterruptedError):
+            return
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as error:
+            self._loop.remove_writer(self._fd)
+            self._pending.clear()
+            self._fatal(error)
+            return
+        del self._pending[:sent]
+        if not self._pending:
+            self._loop.remove_writer(self._fd)
+            if self._closing:
+                self._connection_lost(None)
+
+    def _close(self) -> None:
+        """``transport.close()``: no more reading; the connection goes once all is written."""
+        if self._closing:
+            return
+        self._closing = True
+        self._stop_reading()
+        if not self._pending:
+            self._lost = True
+            self._loop.call_soon(self._connection_lost, None)
+
+    def _abort(self, error: BaseException | None = None) -> None:
+        """``transport.abort()``: what was not written is dropped, the connection goes at once."""
+        if self._lost:
+            return
+        if self._pending:
+            self._pending.clear()
+            self._loop.remove_writer(self._fd)
+        self._closing = True
+        self._stop_reading()
+        self._lost = True
+        self._loop.call_soon(self._connection_lost, error)
+
+    def _fatal(self, error: BaseException) -> None:
+        if not isinstance(error, OSError):
+            self._loop.call_exception_handler(
+                {"message": "simulated Asterisk failed", "exception": error, "protocol": self}
+            )
+        self._abort(error)
+
+    def _connection_lost(self, error: BaseException | None) -> None:
+        self._lost = True
         for call in (self._timer, self._limit):
             if call is not None:
                 call.cancel()
         self._timer = self._limit = None
         channel = self.channel
         if channel.closed:
-            ended_by = channel.ended_by
+            self.ended_by = channel.ended_by
         else:
-            ended_by = "program" if exc is None else "reset"
+            self.ended_by = "program" if error is None else "reset"
             channel.receive_eof(self._sim_now())
-        if self._timed_out:
-            ended_by = "timeout"
-        result = channel.result(elapsed=self._loop.time() - self._t0, ended_by=ended_by, timed_out=self._timed_out)
-        if not self.finished.done():
-            self.finished.set_result(result)
+        if self.timed_out:
+            self.ended_by = "timeout"
+        self.elapsed = self._loop.time() - self._t0
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        self._ended(self)
 
     def _apply(self, actions: list[sim.Action]) -> None:
-        transport = self._transport
         writes: list[bytes] = []
         for action in actions:
             if isinstance(action, sim.Write):
                 writes.append(action.data)
-            elif isinstance(action, sim.Close) and transport is not None:
+            elif isinstance(action, sim.Close) and not self._lost:
                 if writes:
-                    transport.write(b"".join(writes))
+                    self._write(b"".join(writes))
                     writes = []
                 if action.reset:
-                    transport.abort()
+                    self._abort()
                 else:
-                    transport.close()
-        if writes and transport is not None and not transport.is_closing():
-            transport.write(b"".join(writes))
+                    self._close()
+        if writes and not self._closing:
+            self._write(writes[0] if len(writes) == 1 else b"".join(writes))
         self._reschedule()
 
     def _reschedule(self) -> None:
@@ -354,8 +556,7 @@ class AsteriskOnAsyncio(asyncio.Protocol):
             self._timer = None
         self._timer_at = wake
         if wake is not None:
-            delay = max(0.0, self._t0 + wake * self._scale - self._loop.time())
-            self._timer = self._loop.call_later(delay, self._wake)
+            self._timer = self._loop.call_at(self._t0 + wake * self._scale, self._wake)
 
     def _wake(self) -> None:
         due = self._timer_at
@@ -364,25 +565,35 @@ class AsteriskOnAsyncio(asyncio.Protocol):
         self._apply(self.channel.advance(now if due is None else max(now, due)))
 
     def _give_up(self) -> None:
-        self._limit = None
-        self._timed_out = True
+        self.timed_out = True
         self.channel.give_up(self._sim_now())
-        if self._transport is not None:
-            self._transport.abort()
+        self._abort()
 
 
 async def run_load_asyncio(
     port: int, calls: int, concurrency: int, tag: str, seed: int, time_scale: float
 ) -> LoadResult:
-    """:func:`run_load` with :class:`AsteriskOnAsyncio`: the same calls, scripts and checks."""
+    """:func:`run_load` with :class:`AsteriskOnAsyncio`: the same calls, scripts and checks.
+
+    ``concurrency`` calls at a time; each call that ends places the next one.
+    """
     loop = asyncio.get_running_loop()
     rng = random.Random(seed)
     weights = [w for w, _, _ in PATHS]
     seconds = prompt_seconds()
     out = LoadResult(calls, 0.0, {}, [], 0)
     indexes = iter(range(calls))
+    finished: asyncio.Future[None] = loop.create_future()
+    running = 0
 
-    async def one(index: int) -> None:
+    def place_next() -> None:
+        nonlocal running
+        index = next(indexes, None)
+        if index is None:
+            if not running and not finished.done():
+                finished.set_result(None)
+            return
+        running += 1
         _, _, script = rng.choices(PATHS, weights)[0]
         call_id = f"{tag}.{index}"
         environment = sim.fastagi_environment(
@@ -392,23 +603,24 @@ async def run_load_asyncio(
             overrides={"agi_uniqueid": call_id},
         )
         channel = sim.SimulatedChannel(environment, script.format(key=rng.choice("12345")), prompt_seconds=seconds)
-        protocol = AsteriskOnAsyncio(channel, time_scale, timeout=120)
-        try:
-            await asyncio.wait_for(loop.create_connection(lambda: protocol, "127.0.0.1", port), timeout=30)
-        except (OSError, TimeoutError) as error:
-            channel._note(f"cannot connect: {error}")
-            result = channel.result(agi_status="FAILURE", ended_by="connect-failed")
-        else:
-            result = await protocol.finished
-        analyse(call_id, result, out, time_scale)
 
-    async def caller() -> None:
-        for index in indexes:
-            await one(index)
+        def ended(call: AsteriskOnAsyncio) -> None:
+            nonlocal running
+            running -= 1
+            try:
+                analyse(call_id, call.channel.transcript_entries, call.failed, out, time_scale)
+                place_next()
+            except BaseException as error:  # the run fails, as when a task of a gather raised
+                if not finished.done():
+                    finished.set_exception(error)
+
+        AsteriskOnAsyncio(channel, time_scale, timeout=120, ended=ended).connect(("127.0.0.1", port), 30)
 
     started = time.perf_counter()
     cpu_started = time.process_time()
-    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    for _ in range(concurrency):
+        place_next()
+    await finished
     out.seconds = time.perf_counter() - started
     out.driver_cpu = time.process_time() - cpu_started
     return out

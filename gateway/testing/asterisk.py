@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import heapq
 import itertools
 import math
@@ -223,6 +224,13 @@ def parse_caller_script(text: str, prompt_seconds: Callable[[str], float] | None
         else:
             raise ValueError(f"caller script {text!r}: unknown step {step!r}; use w<seconds>, d<keys>, p<file> or h")
     return CallerScript(text, tuple(keys), tuple(audio), hangup_at)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_caller_script_without_files(text: str) -> CallerScript:
+    """:func:`parse_caller_script` of a script with no ``p`` step, which needs no prompt lengths:
+    parsed once however many callers of a load test follow it (a :class:`CallerScript` is frozen)."""
+    return parse_caller_script(text)
 
 
 # --------------------------------------------------------------------------------------------
@@ -462,6 +470,40 @@ def parse_agi_arguments(line: bytes) -> list[bytes]:
     >>> parse_agi_arguments(b'STREAM FILE beep ""')
     [b'STREAM', b'FILE', b'beep', b'']
     """
+    if b"\\" in line:
+        return _parse_agi_arguments_bytewise(line)
+    # Without backslashes the quotes alone decide: between the 1st and 2nd quote, the 3rd and
+    # 4th, ... is quoted. Same rules as the byte-by-byte reading, a part at a time (the load
+    # generator reads every command with this).
+    words: list[bytes] = []
+    whitespace = True
+    quoted = False
+    for part in line.split(b'"'):
+        if quoted:  # an opening quote starts a word (even an empty one) unless it is inside one
+            if whitespace:
+                words.append(part)
+                whitespace = False
+            else:
+                words[-1] += part
+        elif part:
+            pieces = part.replace(b"\t", b" ").split(b" ")
+            first = pieces[0]
+            if first and not whitespace:
+                words[-1] += first
+            elif first and len(words) < MAX_ARGS - 1:
+                words.append(first)
+                whitespace = False
+            for piece in pieces[1:]:  # each follows a separator
+                whitespace = True
+                if piece and len(words) < MAX_ARGS - 1:
+                    words.append(piece)
+                    whitespace = False
+        quoted = not quoted
+    return words
+
+
+def _parse_agi_arguments_bytewise(line: bytes) -> list[bytes]:
+    """:func:`parse_agi_arguments` byte by byte, as parse_args does: for lines with backslashes."""
     words: list[bytearray] = []
     current = bytearray()
     quoted = escaped = False
@@ -633,14 +675,29 @@ _COMMANDS: Final[tuple[_Command, ...]] = (
 )
 
 
+#: Each command by its words, with its place in the table (the first match wins in res_agi.c).
+_COMMAND_PLACES: Final[Mapping[tuple[bytes, ...], tuple[int, _Command]]] = {
+    command.words: (place, command) for place, command in reversed(list(enumerate(_COMMANDS)))
+}
+
+
 def _find_command(argv: Sequence[bytes]) -> _Command | None:
-    """``find_command(argv, 0)``: the command words, case-insensitive, extra words allowed."""
-    lowered = [word.lower() for word in argv[:3]]
-    for command in _COMMANDS:
-        words = command.words
-        if len(argv) >= len(words) and all(lowered[i] == word for i, word in enumerate(words)):
-            return command
-    return None
+    """``find_command(argv, 0)``: the command words, case-insensitive, extra words allowed.
+
+    Looked up by the first one, two and three words instead of a walk through the table; when
+    several match, the one earliest in the table wins, as in the walk.
+    """
+    if not argv:
+        return None
+    places = _COMMAND_PLACES
+    words = (argv[0].lower(),)
+    found = places.get(words)
+    for word in argv[1:3]:
+        words += (word.lower(),)
+        longer = places.get(words)
+        if longer is not None and (found is None or longer[0] < found[0]):
+            found = longer
+    return None if found is None else found[1]
 
 
 class _ShowUsage(Exception):
@@ -985,7 +1042,7 @@ class SimulatedChannel:
         record_transcript: bool = True,
     ) -> None:
         pairs = environment.items() if isinstance(environment, Mapping) else environment
-        self.environment: tuple[tuple[str, str], ...] = tuple((str(name), str(value)) for name, value in pairs)
+        self.environment: tuple[tuple[str, str], ...] = tuple([(str(name), str(value)) for name, value in pairs])
         env = dict(self.environment)
         self.classic = "agi_network" not in env
         self.sighup = sighup
@@ -996,6 +1053,8 @@ class SimulatedChannel:
         self._default_seconds = default_prompt_seconds
         if isinstance(caller_script, CallerScript):
             script = caller_script
+        elif "p" not in caller_script:
+            script = _parse_caller_script_without_files(caller_script)
         else:
             script = parse_caller_script(caller_script, self._seconds)
         self.caller_script = script.shifted(caller_lead)
@@ -1008,7 +1067,9 @@ class SimulatedChannel:
         self._audio = self.caller_script.audio
 
         self._record = record_transcript
-        self.transcript: list[TranscriptLine] = []
+        self._log: list[tuple[float, str, bytes]] = []
+        self._transcript: list[TranscriptLine] = []
+        self._transcript_built = 0  # entries of _log already in _transcript
         self.recordings: list[Recording] = []
         self.variables_set: dict[str, str] = {}
         self._vars: dict[str, str] = dict(variables or {})
@@ -1066,6 +1127,35 @@ class SimulatedChannel:
         """Seconds since :meth:`start` up to which the channel has run."""
         return self._t
 
+    @property
+    def transcript(self) -> list[TranscriptLine]:
+        """The transcript so far, in the fixtures' lines.
+
+        Built from :attr:`transcript_entries` when looked at, not line by line as the call runs:
+        a load generator plays thousands of calls and reads few transcripts.
+        """
+        lines = self._transcript
+        log = self._log
+        for index in range(self._transcript_built, len(log)):
+            t, direction, data = log[index]
+            if direction != "<<":
+                lines.append(TranscriptLine(t, direction, data))
+                continue
+            written = data.split(b"\n")
+            lines.extend([TranscriptLine(t, "<<", line) for line in written[:-1]])
+            if written[-1]:
+                lines.append(TranscriptLine(t, "<<", written[-1]))
+                lines.append(TranscriptLine(t, "!!", b"(no newline)"))
+        self._transcript_built = len(log)
+        return lines
+
+    @property
+    def transcript_entries(self) -> Sequence[tuple[float, str, bytes]]:
+        """What :attr:`transcript` is made of, cheaper to read: ``(time, direction, data)`` for each
+        note (``!!``), each line the program wrote (``>>``) and each write of Asterisk (``<<``:
+        whole lines, several for the environment block or a ``520`` block). For load tests."""
+        return self._log
+
     def result(self, **extra: object) -> CallResult:
         """The call's outcome so far; ``extra`` sets the driver's fields (elapsed, ...)."""
         values: dict[str, object] = {
@@ -1091,8 +1181,7 @@ class SimulatedChannel:
             raise RuntimeError("SimulatedChannel.start() was already called")
         self._started = True
         self._t0 = now
-        block = b"".join(_b(f"{name}: {value}\n") for name, value in self.environment)
-        self._send_reply(block + b"\n")
+        self._send_reply(_b("".join([f"{name}: {value}\n" for name, value in self.environment]) + "\n"))
         return self._take_actions()
 
     def receive_data(self, data: bytes, now: float) -> list[Action]:
@@ -1100,8 +1189,7 @@ class SimulatedChannel:
         self._require_started()
         self._run_until(now)
         if data and not (self._closed or self._stalled or self._eof):
-            self._partial += data
-            self._split_lines()
+            self._split_lines(data)
             self._interrupt_running_command()
             self._wake_loop()
             self._run_until(now)
@@ -1151,37 +1239,42 @@ class SimulatedChannel:
         actions, self._actions = self._actions, []
         return actions
 
-    def _caller_active(self) -> bool:
-        return self._hungup_at is None and not self._reading_stopped
-
     def _next_event(self) -> tuple[float, Callable[[], None]] | None:
+        """The earliest thing due; on a tie the agenda, then the caller, then the command."""
         best_time = math.inf
         best: Callable[[], None] | None = None
         if self._agenda:
             best_time, best = self._agenda[0][0], self._run_agenda
-        if self._event_index < len(self._events) and self._caller_active():
-            t = self._events[self._event_index][0]
+        index = self._event_index
+        if index < len(self._events) and self._hungup_at is None and not self._reading_stopped:  # caller still there
+            t = self._events[index][0]
             if t < best_time:
                 best_time, best = t, self._on_caller_event
         op = self._op
         if op is not None:
-            if op.deadline is not None and op.deadline < best_time:
-                best_time, best = op.deadline, op.on_deadline
+            deadline = op.deadline
+            if deadline is not None and deadline < best_time:
+                best_time, best = deadline, op.on_deadline
         elif self._lines and not self._reading_stopped:
-            t = max(self._lines[0][0], self._loop_free_at)
+            t = self._lines[0][0]
+            if t < self._loop_free_at:
+                t = self._loop_free_at
             if t < best_time:
                 best_time, best = t, self._read_command
         return None if best is None else (best_time, best)
 
     def _run_until(self, now: float) -> None:
         target = now - self._t0
+        limit = target + _TIME_EPSILON
         while not (self._closed or self._stalled):
             event = self._next_event()
-            if event is None or event[0] > target + _TIME_EPSILON:
+            if event is None or event[0] > limit:
                 break
-            self._t = max(self._t, event[0])
+            if event[0] > self._t:
+                self._t = event[0]
             event[1]()
-        self._t = max(self._t, target)
+        if target > self._t:
+            self._t = target
 
     def _schedule(self, at: float, action: Callable[[], None]) -> None:
         heapq.heappush(self._agenda, (at, next(self._sequence), action))
@@ -1195,24 +1288,31 @@ class SimulatedChannel:
 
     # -- the program's lines -----------------------------------------------------------------
 
-    def _split_lines(self) -> None:
+    def _split_lines(self, data: bytes) -> None:
+        """Lines as fgets reads them into a 2048-byte buffer; the rest waits for more bytes."""
         partial = self._partial
+        if partial:
+            partial += data
+            data = bytes(partial)
+            partial.clear()
+        start, size, longest = 0, len(data), AGI_BUF_LEN - 1
         while True:
-            end = partial.find(b"\n", 0, AGI_BUF_LEN - 1)
-            if end < 0:
-                if len(partial) < AGI_BUF_LEN - 1:
-                    return
-                line = bytes(partial[: AGI_BUF_LEN - 1])
-                del partial[: AGI_BUF_LEN - 1]
+            end = data.find(b"\n", start, start + longest)
+            if end >= 0:
+                self._queue_line(data[start:end])
+                start = end + 1
+            elif size - start >= longest:
+                self._queue_line(data[start : start + longest])
+                start += longest
             else:
-                line = bytes(partial[:end])
-                del partial[: end + 1]
-            self._queue_line(line)
+                break
+        if start < size:
+            partial += data[start:]
 
     def _queue_line(self, line: bytes) -> None:
         self._lines.append((self._t, line))
         if self._record:
-            self.transcript.append(TranscriptLine(self._t, ">>", line))
+            self._log.append((self._t, ">>", line))
 
     def _interrupt_running_command(self) -> None:
         if self._op is not None:
@@ -1339,17 +1439,13 @@ class SimulatedChannel:
 
     def _note(self, text: str) -> None:
         if self._record:
-            self.transcript.append(TranscriptLine(self._t, "!!", _b(text)))
+            self._log.append((self._t, "!!", _b(text)))
 
     def _write(self, data: bytes) -> None:
+        """Asterisk writes ``data``: one transcript entry, split into lines when :attr:`transcript` is read."""
         self._actions.append(Write(data))
         if self._record:
-            lines = data.split(b"\n")
-            for line in lines[:-1]:
-                self.transcript.append(TranscriptLine(self._t, "<<", line))
-            if lines[-1]:
-                self.transcript.append(TranscriptLine(self._t, "<<", lines[-1]))
-                self._note("(no newline)")
+            self._log.append((self._t, "<<", data))
 
     def _reply(self, line: str) -> None:
         self._send_reply(_b(line) + b"\n")
