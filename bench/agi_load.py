@@ -764,8 +764,9 @@ def main() -> None:
     parser.add_argument(
         "--generator",
         choices=["twisted", "asyncio"],
-        default="twisted",
-        help="what carries the simulated channels: Twisted's client (default) or asyncio (less CPU per call)",
+        default="asyncio",
+        help="what carries the simulated channels: asyncio on bare sockets (default: 0.30 ms of CPU per call, "
+        "taken from the two cores the server runs on) or Twisted's client (0.45-0.85 ms)",
     )
     parser.add_argument("--drive", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
