@@ -426,13 +426,16 @@ class Store:
         hand_offs: list[dict[str, Any]],
         now: datetime,
         unrated: dict[str, str] | None = None,
-    ) -> tuple[dict[str, int], set[int], set[int]]:
+    ) -> tuple[dict[str, int], set[int], set[int], set[str]]:
         """call id → service record id for many calls at once, creating the unknown ones.
 
         The same look-up order as :meth:`find_or_create_call_record`: Asterisk unique id,
         record id, then linked id, all read by one query. ``unrated`` gives new records their
         not-rated reason. Also returns the ids of the records created here, which have no
-        rating yet, and those of the records found that have a counted rating already.
+        rating yet, those of the records found that have a counted rating already, and the
+        call ids that joined a record another call of the batch created: as one by one, an
+        unknown call whose linked id an earlier call of the batch brought finds that call's
+        new record (SPEC R2.1), so one service gets one counted rating (R1.4).
         """
         sql = self._driver_sql(connection)
         call_ids = sorted({hand_off.get("call_id") or "" for hand_off in hand_offs})
@@ -475,23 +478,32 @@ class Store:
                 if kind == "call" and linked_id in linked:
                     known.setdefault(linked[linked_id], pk)
         new_records: dict[str, tuple[Any, ...]] = {}
+        bringer: dict[str, str] = {}  # linked id → the call id whose new record carries it
+        joined: dict[str, str] = {}  # call id → the call id whose new record it joins
         for hand_off in hand_offs:
             call_id = hand_off.get("call_id") or ""
-            if call_id not in known and call_id not in new_records:
-                fields = self._call_fields(hand_off)
-                new_records[call_id] = (
-                    call_id,
-                    call_id,
-                    hand_off.get("linked_id"),
-                    (unrated or {}).get(call_id),
-                    fields["agent_id"] or None,
-                    fields["work_order"] or None,
-                    fields["queue"] or None,
-                    fields["matter_code"] or None,
-                    fields.get("mobile_enc") or None,
-                    fields.get("mobile_hash") or None,
-                    fields.get("mobile_masked") or None,
-                )
+            linked_id = hand_off.get("linked_id")
+            if call_id in known or call_id in new_records or call_id in joined:
+                continue
+            if linked_id and linked_id in bringer:
+                joined[call_id] = bringer[linked_id]
+                continue
+            if linked_id:
+                bringer[linked_id] = call_id
+            fields = self._call_fields(hand_off)
+            new_records[call_id] = (
+                call_id,
+                call_id,
+                hand_off.get("linked_id"),
+                (unrated or {}).get(call_id),
+                fields["agent_id"] or None,
+                fields["work_order"] or None,
+                fields["queue"] or None,
+                fields["matter_code"] or None,
+                fields.get("mobile_enc") or None,
+                fields.get("mobile_hash") or None,
+                fields.get("mobile_masked") or None,
+            )
         created: set[int] = set()
         if new_records:
             for pk, external_id in sql.insert(
@@ -504,17 +516,20 @@ class Store:
             ):
                 known[external_id] = pk
                 created.add(pk)
-        return known, created, rated
+        for call_id, first in joined.items():
+            known[call_id] = known[first]
+        return known, created, rated, set(joined)
 
     def bulk_unrated_call(self, connection: Connection, items: list[dict[str, Any]]) -> list[None]:
         """Many calls that ended not rated (SPEC R2.3), as :meth:`tx_unrated_call` does for one."""
         sql = self._driver_sql(connection)
         now = utcnow()
         reasons = {(item["hand_off"].get("call_id") or ""): item["reason"] for item in items}
-        known, created, _ = self._call_records(connection, [item["hand_off"] for item in items], now, unrated=reasons)
+        hand_offs = [item["hand_off"] for item in items]
+        known, created, _, joined = self._call_records(connection, hand_offs, now, unrated=reasons)
         by_reason: dict[str, list[int]] = {}
         for call_id, reason in reasons.items():
-            if known[call_id] not in created:  # a new record got its reason when created
+            if known[call_id] not in created or call_id in joined:  # a new record got its reason when created
                 by_reason.setdefault(reason, []).append(known[call_id])
         for reason, pks in by_reason.items():
             sql.execute(
@@ -534,7 +549,7 @@ class Store:
         """
         sql = self._driver_sql(connection)
         now = utcnow()
-        known, created, rated = self._call_records(connection, [item["hand_off"] for item in items], now)
+        known, created, rated, _ = self._call_records(connection, [item["hand_off"] for item in items], now)
         # Only records that existed before may have a not-rated mark already.
         existing = sorted({known[item["hand_off"].get("call_id") or ""] for item in items} - created)
         rating_rows: list[tuple[Any, ...]] = []

@@ -379,3 +379,40 @@ def test_a_bulk_write_the_database_refuses_is_redone_one_by_one(store: Store, mo
         (Level.VERY_SATISFIED, True),
     ]
     assert len(store.find_ratings(call_id="c-2")) == 1
+
+
+def test_calls_of_one_batch_sharing_a_new_linked_id_go_to_one_record_as_one_by_one(store: Store) -> None:
+    """SPEC R2.1 + R1.4: a second unknown call with the linked id the first brought joins its new
+    record, whether the two are written one by one or in one group commit: one counted rating,
+    one push, and a not-rated reason as the last write left it."""
+
+    def rating(call_id: str, linked: str) -> tuple[str, dict[str, object]]:
+        hand_off = {"call_id": call_id, "linked_id": linked}
+        return "call_rating", {"hand_off": hand_off, "level": Level.SATISFIED, "key": "2", "rated_at": NOW}
+
+    def unrated(call_id: str, linked: str, reason: str) -> tuple[str, dict[str, object]]:
+        return "unrated_call", {"hand_off": {"call_id": call_id, "linked_id": linked}, "reason": reason}
+
+    one_by_one = [store.write_together([write])[0] for write in (rating("a-1", "L-A"), rating("a-2", "L-A"))]
+    for write in (unrated("c-1", "L-C", "timeout"), unrated("c-2", "L-C", "hangup")):
+        store.write_together([write])
+    together = store.write_together(
+        [rating("b-1", "L-B"), rating("b-2", "L-B"), unrated("d-1", "L-D", "timeout"), unrated("d-2", "L-D", "hangup")]
+    )
+    assert [r[1] for r in one_by_one] == [True, False]
+    assert [r[1] for r in together[:2]] == [True, False]
+    for linked in ("L-A", "L-B"):
+        found = store.find_ratings(linked_id=linked)
+        assert len(found) == 2 and len({r.service_id for r in found}) == 1
+        assert [r.is_attempt for r in found] == [False, True]
+    with store.engine.connect() as connection:
+        reasons = dict(
+            connection.execute(
+                select(service_records.c.linked_id, service_records.c.unrated_reason).where(
+                    service_records.c.linked_id.in_(["L-C", "L-D"])
+                )
+            ).all()
+        )
+        pushed = connection.execute(select(outbox.c.id)).all()
+    assert reasons == {"L-C": "hangup", "L-D": "hangup"}
+    assert len(pushed) == 2  # one per service (a-1, b-1)
