@@ -33,7 +33,7 @@ class TurnTakingEPollReactor(epollreactor.EPollReactor):
         super().__init__()
 
     def doPoll(self, timeout: float | None) -> None:
-        """Twisted's ``EPollReactor.doPoll``, with the number of events per call capped."""
+        """Twisted's ``EPollReactor.doPoll``: events per call capped, no logging context per event."""
         try:
             events = self._poller.poll(
                 -1 if timeout is None else timeout, min(len(self._selectables), self.max_events_per_turn) or 1
