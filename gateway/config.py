@@ -164,6 +164,8 @@ class StoreConfig:
     data_dir: str = _opt(_parse_str)
     url: str = _opt(_parse_str)
     threads: int = _opt(_positive_int)
+    group_commit_wait: float = _opt(parse_duration)
+    group_commit_min: int = _opt(_positive_int)
 
     @property
     def effective_url(self) -> str:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import threading
+import time
 from datetime import UTC, datetime
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 
 from gateway.rating import Level
 from gateway.testing.reactor import run_on_reactor
@@ -76,3 +77,100 @@ def test_a_failed_batch_fails_its_writes_alone_and_the_writer_goes_on(sqlite_sto
     [(ok, failure)] = first
     assert not ok and failure.check(RuntimeError)
     assert second[1] is True
+
+
+class HeldFirstBatch:
+    """Counts batch sizes; the first batch waits for :meth:`release`, as a slow commit would."""
+
+    def __init__(self, sqlite_store: Store) -> None:
+        self.batches: list[int] = []
+        self._entered = threading.Event()
+        self._release = threading.Event()
+        write_together = sqlite_store.write_together
+
+        def counted(calls: Any) -> list[Any]:
+            if not self.batches:
+                self._entered.set()
+                self._release.wait(10)
+            self.batches.append(len(calls))
+            return write_together(calls)
+
+        sqlite_store.write_together = counted  # type: ignore[method-assign]
+
+    async def committing(self, reactor: Any) -> None:
+        """Until the store thread is in the first batch's transaction."""
+        while not self._entered.is_set():
+            await task.deferLater(reactor, 0.005, lambda: None)
+
+    def release(self) -> None:
+        self._release.set()
+
+
+def test_under_load_the_writer_gathers_writes_until_enough_have_come(sqlite_store: Store) -> None:
+    held = HeldFirstBatch(sqlite_store)
+
+    async def scenario(reactor: Any) -> float:
+        store = DeferredStore(sqlite_store, reactor)
+        store.startService()
+        writer = GroupWriter(store, gather_wait=5.0, gather_min=8)
+        started = time.monotonic()
+        first = rating(writer, "c-0")  # the writer was idle: this one is written at once
+        await held.committing(reactor)
+        during = [rating(writer, f"c-{index}") for index in range(1, 4)]  # came in during its commit
+        held.release()
+        await first
+        later = [rating(writer, f"c-{index}") for index in range(4, 9)]  # the 8th ends the gathering
+        await defer.gatherResults(during + later)
+        everything = time.monotonic() - started
+        await store.stopService()
+        return everything
+
+    everything = run_on_reactor(scenario)
+    assert held.batches == [1, 8]  # not [1, 3, 5]: the second transaction waited for company
+    assert everything < 2.0  # it did not wait out the 5 s gather_wait
+
+
+def test_gathering_gives_up_after_gather_wait(sqlite_store: Store) -> None:
+    held = HeldFirstBatch(sqlite_store)
+
+    async def scenario(reactor: Any) -> float:
+        store = DeferredStore(sqlite_store, reactor)
+        store.startService()
+        writer = GroupWriter(store, gather_wait=0.2, gather_min=100)
+        first = rating(writer, "c-0")
+        await held.committing(reactor)
+        during = [rating(writer, f"c-{index}") for index in range(1, 4)]
+        held.release()
+        await first
+        committed = time.monotonic()
+        await defer.gatherResults(during)
+        waited = time.monotonic() - committed
+        await store.stopService()
+        return waited
+
+    waited = run_on_reactor(scenario)
+    assert held.batches == [1, 3]
+    assert 0.15 <= waited < 2.0  # it waited for more, then wrote the three it had
+
+
+def test_without_gather_wait_the_writer_takes_what_is_waiting_at_once(sqlite_store: Store) -> None:
+    held = HeldFirstBatch(sqlite_store)
+
+    async def scenario(reactor: Any) -> float:
+        store = DeferredStore(sqlite_store, reactor)
+        store.startService()
+        writer = GroupWriter(store)  # gather_wait 0: no gathering
+        first = rating(writer, "c-0")
+        await held.committing(reactor)
+        during = [rating(writer, f"c-{index}") for index in range(1, 4)]
+        held.release()
+        await first
+        committed = time.monotonic()
+        await defer.gatherResults(during)
+        waited = time.monotonic() - committed
+        await store.stopService()
+        return waited
+
+    waited = run_on_reactor(scenario)
+    assert held.batches == [1, 3]
+    assert waited < 0.15

@@ -271,7 +271,10 @@ class FastAGIService(internet.TCPServer):
 def build_fastagi_service(config: Config, reactor: Any, store: DeferredStore) -> FastAGIService:
     factory = FastAGIFactory(
         dialogue_settings(config),
-        RatingStore(GroupWriter(store), reactor),
+        RatingStore(
+            GroupWriter(store, gather_wait=config.store.group_commit_wait, gather_min=config.store.group_commit_min),
+            reactor,
+        ),
         reactor,
         idle_timeout=config.agi.idle_timeout,
     )
