@@ -11,7 +11,10 @@ prompt, key after it, invalid then valid, no key at all, hang-up during the prom
 hang-up. Each server runs in its own process; the load generator in another.
 
 Reported per server and concurrency: rated calls/s and all calls/s, the command round trip
-(from Asterisk's answer to the program's next command, p50/p99), and the CPU time per call of
+(from Asterisk's answer to the program's next command, p50/p99) as the generator saw it and
+at the wire ("wire": ending when the command reached the generator's socket, from the kernel's
+receive timestamp, so without the time it waited for the generator's own loop; a real Asterisk
+reads each channel in a thread of its own), and the CPU time per call of
 the server process (all its threads) and of the load generator. ``--placement pinned`` puts
 the server on CPU 0 and the generator on CPU 1 (``sched_setaffinity``), so that neither takes
 the other's core; ``unpinned`` lets the kernel place both. ``--servers asyncio`` adds a bare
@@ -36,12 +39,13 @@ import signal
 import socket
 import sqlite3
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
 import time
 import wave
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,6 +70,22 @@ PATHS = [
     (10, "key then hang-up", "w5 d{key} w0.1 h"),
 ]
 MENU_KEY = re.compile(rb"^200 result=(\d+)")
+
+#: Linux's SO_TIMESTAMPNS (asm-generic; the ``socket`` module does not name it): every read
+#: comes with the time its last bytes reached the socket, as a ``struct timespec`` on the
+#: CLOCK_REALTIME clock.
+SO_TIMESTAMPNS = 35
+TIMESPEC = struct.Struct("qq")
+
+
+def socket_wait(ancillary: list[tuple[int, int, bytes]], now: float | None = None) -> float:
+    """Seconds a read's bytes waited in the socket: ``now`` (``time.time()``) less their arrival."""
+    now = time.time() if now is None else now
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= TIMESPEC.size:
+            seconds, nanoseconds = TIMESPEC.unpack_from(data)
+            return max(0.0, now - (seconds + nanoseconds / 1e9))
+    return 0.0
 
 
 def prompt_seconds() -> dict[str, float]:
@@ -197,6 +217,10 @@ class LoadResult:
     by_command: dict[str, list[float]] = field(default_factory=dict, repr=False)  # command verb → round trips
     driver_cpu: float = 0.0  # CPU seconds of the load generator
     server_cpu: float = 0.0  # CPU seconds of the server process during the load
+    # The same round trips ending when each command reached the generator's socket (kernel
+    # receive timestamp), not when the generator's loop got to it: empty with --generator twisted.
+    wire_round_trips_ms: list[float] = field(default_factory=list, repr=False)
+    wire_by_command: dict[str, list[float]] = field(default_factory=dict, repr=False)
 
     @property
     def rated(self) -> int:
@@ -209,13 +233,23 @@ def command_verb(line: bytes) -> str:
 
 
 def analyse(
-    call_id: str, transcript: Iterable[tuple[float, str, bytes]], failed: bool, out: LoadResult, time_scale: float
+    call_id: str,
+    transcript: Iterable[tuple[float, str, bytes]],
+    failed: bool,
+    out: LoadResult,
+    time_scale: float,
+    lags: Mapping[float, float] | None = None,
 ) -> None:
     """The key the simulated Asterisk delivered to the rating menu, and each command's round trip.
 
     ``transcript`` is ``(time, direction, data)`` per line, or per entry
     (:attr:`~gateway.testing.asterisk.SimulatedChannel.transcript_entries`): the same figures,
     since an answer's lines come at one time and the first of them is the answer.
+
+    ``lags`` maps the time a read was handed to the channel to how long its bytes had waited
+    in the socket for the generator's loop (simulated seconds, from the kernel's receive
+    timestamp): the wire round trip of a command is its round trip less that wait. A read
+    without a timestamp counts as no wait.
     """
     last_answer: float | None = None
     asked_menu = False
@@ -231,8 +265,13 @@ def analyse(
             asked_menu = data.startswith(b"GET OPTION hcp/hcp-rating-menu")
             if last_answer is not None:
                 round_trip = (time_ - last_answer) * time_scale * 1000
+                verb = command_verb(data)
                 out.round_trips_ms.append(round_trip)
-                out.by_command.setdefault(command_verb(data), []).append(round_trip)
+                out.by_command.setdefault(verb, []).append(round_trip)
+                if lags is not None:
+                    wire = round_trip - lags.get(time_, 0.0) * time_scale * 1000
+                    out.wire_round_trips_ms.append(wire)
+                    out.wire_by_command.setdefault(verb, []).append(wire)
                 last_answer = None
     if failed:
         out.failures += 1
@@ -306,6 +345,8 @@ class AsteriskOnAsyncio:
     MAX_READ = 256 * 1024
     _buffer = bytearray(MAX_READ)  # one for all calls: each read is copied out at once
     _view = memoryview(_buffer)
+    _buffers = (_buffer,)
+    _ancillary = socket.CMSG_SPACE(TIMESPEC.size)
 
     def __init__(
         self,
@@ -335,6 +376,9 @@ class AsteriskOnAsyncio:
         self._timer_at: float | None = None
         self._limit: asyncio.TimerHandle | None = None
         self._limit_at = 0.0  # the call's own limit, once connected
+        #: Per read handed to the channel (by its simulated time): how long its bytes waited in
+        #: the socket for this loop, from the kernel's receive timestamp (see :func:`analyse`).
+        self.lags: dict[float, float] = {}
 
     @property
     def failed(self) -> bool:
@@ -352,6 +396,7 @@ class AsteriskOnAsyncio:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         self._sock, self._fd = sock, sock.fileno()
         # One timer for both limits: connecting, then the call's (set when the first one fires).
         self._limit = self._loop.call_later(connect_timeout, self._limit_reached, True)
@@ -416,7 +461,7 @@ class AsteriskOnAsyncio:
             return
         assert self._sock is not None
         try:
-            size = self._sock.recv_into(self._buffer)
+            size, ancillary, _, _ = self._sock.recvmsg_into(self._buffers, self._ancillary)
         except (BlockingIOError, InterruptedError):
             return
         except (SystemExit, KeyboardInterrupt):
@@ -426,7 +471,10 @@ class AsteriskOnAsyncio:
             return
         try:
             if size:
-                self._apply(self.channel.receive_data(self._view[:size].tobytes(), self._sim_now()))
+                now = self._sim_now()
+                if ancillary:
+                    self.lags[now] = socket_wait(ancillary) / self._scale
+                self._apply(self.channel.receive_data(self._view[:size].tobytes(), now))
             else:  # the program half-closed: Asterisk closes when the channel says so
                 self._stop_reading()
                 self._apply(self.channel.receive_eof(self._sim_now()))
@@ -608,7 +656,7 @@ async def run_load_asyncio(
             nonlocal running
             running -= 1
             try:
-                analyse(call_id, call.channel.transcript_entries, call.failed, out, time_scale)
+                analyse(call_id, call.channel.transcript_entries, call.failed, out, time_scale, call.lags)
                 place_next()
             except BaseException as error:  # the run fails, as when a task of a gather raised
                 if not finished.done():
@@ -671,6 +719,8 @@ def measure(
             data["by_command"],
             data["driver_cpu"],
             server_cpu,
+            data["wire_round_trips_ms"],
+            data["wire_by_command"],
         )
         return load, server.stored()
 
@@ -703,6 +753,8 @@ def drive(port: int, calls: int, concurrency: int, seed: int, time_scale: float,
                 "failures": load.failures,
                 "by_command": load.by_command,
                 "driver_cpu": load.driver_cpu,
+                "wire_round_trips_ms": load.wire_round_trips_ms,
+                "wire_by_command": load.wire_by_command,
             }
         )
     )
@@ -723,6 +775,13 @@ def drive_twisted(
     except SystemExit as exit_:
         if exit_.code not in (0, None):
             raise
+
+
+def quantiles_ms(values: list[float]) -> str:
+    """p50 and p99 as two table cells; dashes where nothing was measured (no timestamps)."""
+    if not values:
+        return f"{'-':>8} {'-':>8}"
+    return f"{percentile(values, 50):>6.1f}ms {percentile(values, 99):>6.1f}ms"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -779,7 +838,7 @@ def main() -> None:
     )
     print(
         f"{'server':<16} {'placement':<9} {'conc':>5} {'calls':>6} {'rated':>6} {'calls/s':>8} {'rated/s':>8} "
-        f"{'rtt p50':>8} {'rtt p99':>8} {'srv cpu':>8} {'gen cpu':>8}  check"
+        f"{'rtt p50':>8} {'rtt p99':>8} {'wire p50':>8} {'wire p99':>8} {'srv cpu':>8} {'gen cpu':>8}  check"
     )
     exit_status = 0
     for concurrency in args.concurrency:
@@ -814,6 +873,7 @@ def compare(
             f"{name:<16} {placement:<9} {concurrency:>5} {load.calls:>6} {load.rated:>6} "
             f"{load.calls / load.seconds:>8.0f} {load.rated / load.seconds:>8.0f} "
             f"{percentile(load.round_trips_ms, 50):>6.1f}ms {percentile(load.round_trips_ms, 99):>6.1f}ms "
+            f"{quantiles_ms(load.wire_round_trips_ms)} "
             f"{load.server_cpu / load.calls * 1000:>6.2f}ms {load.driver_cpu / load.calls * 1000:>6.2f}ms  {check}"
             + (f" (failures {load.failures})" if load.failures else ""),
             flush=True,
@@ -822,7 +882,8 @@ def compare(
             for verb, round_trips in sorted(load.by_command.items()):
                 print(
                     f"{'':<16} {'':<9} {'':>5} {len(round_trips):>6} {verb:<24}"
-                    f"{percentile(round_trips, 50):>6.1f}ms {percentile(round_trips, 99):>6.1f}ms",
+                    f"{percentile(round_trips, 50):>6.1f}ms {percentile(round_trips, 99):>6.1f}ms "
+                    f"{quantiles_ms(load.wire_by_command.get(verb, []))}",
                     flush=True,
                 )
     return exit_status
