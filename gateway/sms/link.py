@@ -11,7 +11,7 @@ with a simulated clock (STYLE.md, h11).
 - :class:`Window` keeps the outstanding ``submit_sm`` by sequence number with their deadlines,
   since smpplib does not know which submits went unanswered after a dropped link (LIBRARIES.md).
 - :class:`Backoff` spaces reconnects: capped exponential, with jitter so that several gateway
-  instances do not reconnect in step.
+  instances do not reconnect in step, and reset only by a link that stayed bound for a while.
 
 The bytes themselves are read and written by :mod:`gateway.sms.pdu`.
 """
@@ -239,16 +239,35 @@ class Backoff:
     """Delays between reconnect attempts: ``min_delay``, doubling, capped at ``max_delay``.
 
     Each delay is drawn between half and all of its step (jitter), so it never exceeds
-    ``max_delay`` and never falls below ``min_delay / 2``. :meth:`reset` after a successful bind.
+    ``max_delay`` and never falls below ``min_delay / 2``.
+
+    A successful bind alone does not reset the delays: an SMSC that accepts the bind and then
+    drops the link at once (a flapping peer, a full SMSC that unbinds right after the bind, a
+    firewall cutting the connection) would otherwise be reconnected at the minimum delay forever.
+    The adapter reports :meth:`bound` and :meth:`dropped`; only a link that stayed bound for
+    ``stable_after`` seconds brings the next delay back to ``min_delay``, and one that drops
+    sooner keeps the delays growing up to the cap. ``stable_after`` defaults to ``max_delay``:
+    however a peer flaps, the link is then never reconnected much more often than once per
+    ``max_delay``, the pace the cap allows for a peer that is down. The check is made when the
+    link drops, so no timer is needed.
     """
 
-    def __init__(self, min_delay: float, max_delay: float, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        min_delay: float,
+        max_delay: float,
+        rng: random.Random | None = None,
+        *,
+        stable_after: float | None = None,
+    ) -> None:
         if min_delay <= 0 or max_delay < min_delay:
             raise ValueError(f"Reconnect delays need 0 < min ({min_delay}) <= max ({max_delay}).")
         self.min_delay = min_delay
         self.max_delay = max_delay
+        self.stable_after = max_delay if stable_after is None else max(0.0, stable_after)
         self.attempts = 0
         self._rng = rng or random.Random()
+        self._bound_at: float | None = None
 
     def step(self) -> float:
         """The delay before the next attempt without jitter."""
@@ -261,3 +280,18 @@ class Backoff:
 
     def reset(self) -> None:
         self.attempts = 0
+
+    def bound(self, now: float) -> None:
+        """The link is bound (every connection of it) at ``now``."""
+        self._bound_at = now
+
+    def dropped(self, now: float) -> float:
+        """The link dropped, or a connect or bind failed, at ``now``: the delay before the next attempt.
+
+        Back to ``min_delay`` if the link had stayed bound for ``stable_after`` seconds; otherwise
+        one step longer than the last delay (up to ``max_delay``).
+        """
+        bound_at, self._bound_at = self._bound_at, None
+        if bound_at is not None and now - bound_at >= self.stable_after:
+            self.reset()
+        return self.next_delay()

@@ -259,7 +259,15 @@ class _Link:
             recovery=config.throttle_recovery,
         )
         self.window: Window[_Queued] = Window(config.window, config.response_timeout)
-        self.backoff = Backoff(config.reconnect_min_delay, config.reconnect_max_delay, rng)
+        # The delays go back to the minimum only after the link stayed bound this long (see Backoff):
+        # at least the longest reconnect delay, and at least long enough for an enquire_link to be due,
+        # so that a link that cannot carry even the keep-alive does not count as up.
+        self.backoff = Backoff(
+            config.reconnect_min_delay,
+            config.reconnect_max_delay,
+            rng,
+            stable_after=max(config.reconnect_max_delay, config.enquire_link_interval),
+        )
         self.pending: deque[_Queued] = deque()
         self.retry: deque[_Queued] = deque()  # throttled parts, sent again before the pending ones
         self.connections: list[_Connection] = []
@@ -535,7 +543,7 @@ class _Link:
         if all(c.phase == "bound" for c in self.connections):
             self.bound = True
             self.phase = "bound"
-            self.backoff.reset()
+            self.backoff.bound(now)  # the delays are reset only if the link stays up (a flapping SMSC)
             log.info(
                 "event=smpp.bound mode=%s host=%s port=%s system_id=%s",
                 self.config.bind_mode,
@@ -760,8 +768,9 @@ class _Link:
         if self._stopping:
             self._done = True
             return
-        delay = self.backoff.next_delay()
-        self._reconnect_at = self._clock() + delay
+        now = self._clock()
+        delay = self.backoff.dropped(now)
+        self._reconnect_at = now + delay
         self.reconnects += 1
         self.phase = "backoff"
         log.warning("event=smpp.link_down reason=%r in_flight_lost=%d reconnect_in=%.2f", reason, len(lost), delay)
