@@ -13,13 +13,16 @@
 smpplib 2.2.4 has no send lock, an unlocked sequence counter, and sends ``enquire_link`` from
 whichever thread reads (LIBRARIES.md); so every socket of a link is read and written by its one
 I/O thread, with ``select`` over the sockets and a socketpair that wakes it for new commands.
-smpplib creates the sockets, numbers the requests and builds and parses the PDUs, except the
-three on the hot path (``submit_sm``, its answer, ``deliver_sm``), which :mod:`gateway.sms.pdu`
-does in a few µs, held to smpplib's bytes by tests. smpplib's blocking read loop is not used:
-the thread frames PDUs itself (a garbled length winds the connection down instead of hanging it),
-answers ``deliver_sm`` only once the gateway has stored it (SPEC R3.7a), answers the SMSC's
-``unbind`` (smpplib never does) and keeps its own window of outstanding submits, because after a
-dropped link smpplib does not know which went unanswered.
+That thread also resolves the host name (a slow resolver holds up the link, never the reactor)
+and connects without blocking, over IPv6 or IPv4, trying the addresses in turn as
+``socket.create_connection`` does (smpplib's own socket is IPv4 only). smpplib numbers the
+requests and builds and parses the PDUs, except the three on the hot path (``submit_sm``, its
+answer, ``deliver_sm``), which :mod:`gateway.sms.pdu` does in a few µs, held to smpplib's bytes
+by tests. smpplib's blocking read loop is not used: the thread frames PDUs itself (a garbled
+length winds the connection down instead of hanging it), answers ``deliver_sm`` only once the
+gateway has stored it (SPEC R3.7a), answers the SMSC's ``unbind`` (smpplib never does) and keeps
+its own window of outstanding submits, because after a dropped link smpplib does not know which
+went unanswered.
 
 Every submit's Deferred fires exactly once: with the SMSC's message_id, or with
 :class:`SubmitRejected`, :class:`SubmitOutcomeUnknown` or :class:`NotSubmitted`. Throttling
@@ -160,7 +163,8 @@ _PARSING = _NoSequence()
 class _Client(smpplib.client.Client):  # type: ignore[misc]
     """One smpplib client per TCP connection, used by the I/O thread alone.
 
-    It numbers the requests and creates the socket; the thread does the reading and writing.
+    It numbers the requests; the thread creates the socket (smpplib's is IPv4 only) and does the
+    connecting, reading and writing.
     """
 
     def __init__(self, host: str, port: int, timeout: float) -> None:
@@ -203,6 +207,15 @@ def _response(command: str, sequence: int, status: int = ESME_ROK) -> bytes:
 # ---------------------------------------------------------------------------------------------
 
 
+#: One address of the SMSC as getaddrinfo gives it: family, socket type, protocol, socket address.
+_Address = tuple[socket.AddressFamily, socket.SocketKind, int, Any]
+
+
+def _host_port(host: str, port: int) -> str:
+    """``host:port``, with an IPv6 address in brackets (``[::1]:2775``)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 @dataclass
 class _Queued:
     token: int
@@ -224,6 +237,9 @@ class _Connection:
     framer: PduFramer = field(default_factory=PduFramer)
     last_received: float = 0.0
     enquire_deadline: float | None = None
+    address: str = ""  # the address being connected to, as [::1]:2775 or 192.0.2.1:2775
+    addresses: list[_Address] = field(default_factory=list)  # those left to try if that connect fails
+    resolved: int = 1  # how many addresses the host name gave
 
     @property
     def sends(self) -> bool:
@@ -458,7 +474,7 @@ class _Link:
             raise LinkDropped(self._draining)
         for conn in list(self.connections):
             if conn.phase == "connecting" and now >= conn.deadline:
-                raise LinkDropped(f"cannot connect to {self.config.host}:{self.config.port}: no answer")
+                self._connect_failed(conn, "no answer", now)
             if conn.phase == "binding" and now >= conn.deadline:
                 raise LinkDropped(f"the SMSC did not answer the {conn.role} bind within the response timeout")
             if conn.phase == "unbinding" and now >= conn.deadline:
@@ -474,29 +490,84 @@ class _Link:
             self._unknown(entry.item.token, "no submit_sm_resp within the response timeout")
 
     def _connect(self, now: float) -> None:
+        """Start connecting each connection of the link to the first address of the SMSC that takes it.
+
+        The host name is resolved here, on the link's I/O thread like the connect itself, so that a
+        slow resolver holds up this link only, never the reactor.
+        """
         roles = ["transceiver"] if self.config.bind_mode == "transceiver" else ["transmitter", "receiver"]
         self.phase = "connecting"
+        try:
+            addresses = self._resolve()
+        except OSError as error:  # e.g. the host name does not resolve
+            raise LinkDropped(f"cannot connect to {self._where()}: {error}") from None
         for role in roles:
             client = _Client(self.config.host, self.config.port, self.config.response_timeout)
-            sock = client._create_socket()
-            sock.setblocking(False)
+            sock, address, left = self._open(addresses, len(addresses))
             self._next_ident += 1
             conn = _Connection(self._next_ident, role, client, sock, deadline=now + self.config.response_timeout)
+            conn.address, conn.addresses, conn.resolved = address, left, len(addresses)
             self.connections.append(conn)
+
+    def _where(self) -> str:
+        return _host_port(self.config.host, self.config.port)
+
+    def _resolve(self) -> list[_Address]:
+        """The SMSC's addresses, IPv6 and IPv4, in the order getaddrinfo prefers them (RFC 6724)."""
+        found = socket.getaddrinfo(self.config.host, self.config.port, socket.AF_UNSPEC, socket.SOCK_STREAM)
+        if not found:
+            raise OSError(f"no address for {self.config.host}")
+        return [(family, kind, proto, sockaddr) for family, kind, proto, _, sockaddr in found]
+
+    def _open(self, addresses: list[_Address], resolved: int) -> tuple[socket.socket, str, list[_Address]]:
+        """A non-blocking connect to the first of ``addresses`` that does not fail at once.
+
+        Returns the socket, the address it connects to and the addresses left to try after it, in
+        the order ``socket.create_connection`` tries them; LinkDropped if every one failed at once.
+        ``addresses`` is never empty.
+        """
+        while True:
+            (family, kind, proto, sockaddr), addresses = addresses[0], addresses[1:]
+            address = _host_port(sockaddr[0], sockaddr[1])
+            sock: socket.socket | None = None
             try:
-                code = sock.connect_ex((self.config.host, self.config.port))
-            except OSError as error:  # e.g. the host name does not resolve
-                raise LinkDropped(f"cannot connect to {self.config.host}:{self.config.port}: {error}") from None
-            if code not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
-                raise LinkDropped(
-                    f"cannot connect to {self.config.host}:{self.config.port}: {errno.errorcode.get(code)}"
-                )
+                sock = socket.socket(family, kind, proto)  # EAFNOSUPPORT where IPv6 is disabled
+                sock.setblocking(False)
+                code = sock.connect_ex(sockaddr)
+            except OSError as error:
+                code = error.errno or 0
+                reason = errno.errorcode.get(code, str(error))
+            else:
+                if code in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
+                    return sock, address, addresses
+                reason = errno.errorcode.get(code, str(code))
+            if sock is not None:
+                sock.close()
+            if not addresses:
+                raise LinkDropped(self._cannot_connect(reason, address, resolved))
+            log.info("event=smpp.connect_failed address=%s error=%s addresses_left=%d", address, reason, len(addresses))
+
+    def _cannot_connect(self, reason: str, address: str, resolved: int) -> str:
+        if resolved > 1:
+            reason = f"{reason} at {address}, the last of {resolved} addresses"
+        return f"cannot connect to {self._where()}: {reason}"
+
+    def _connect_failed(self, conn: _Connection, reason: str, now: float) -> None:
+        """The connect to ``conn.address`` failed: go on with the next address, or drop the link."""
+        if not conn.addresses:
+            raise LinkDropped(self._cannot_connect(reason, conn.address, conn.resolved))
+        log.info(
+            "event=smpp.connect_failed address=%s error=%s addresses_left=%d", conn.address, reason, len(conn.addresses)
+        )
+        conn.sock.close()
+        conn.sock, conn.address, conn.addresses = self._open(conn.addresses, conn.resolved)
+        conn.deadline = now + self.config.response_timeout
 
     def _connected(self, conn: _Connection, now: float) -> None:
         code = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if code:
-            reason = errno.errorcode.get(code, str(code))
-            raise LinkDropped(f"cannot connect to {self.config.host}:{self.config.port}: {reason}")
+            self._connect_failed(conn, errno.errorcode.get(code, str(code)), now)
+            return
         conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn.client._socket = conn.sock
         conn.client.state = smpplib.consts.SMPP_CLIENT_STATE_OPEN
