@@ -23,8 +23,8 @@ from storage.store import Store
 
 log = logging.getLogger("storage.deferred")
 
-#: How long the group writer must have been writing without a pause before it gathers.
-BUSY_BEFORE_GATHERING = 0.010
+#: The window over which the group writer measures how fast writes come in (see GroupWriter).
+RATE_WINDOW = 0.05
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -97,15 +97,16 @@ class GroupWriter:
     calls queued for it (the pusher, the HTTP API) are not starved; the reactor then starts
     the writer again if writes are waiting.
 
-    Under load the thread also gathers: once it has been writing without a pause for
-    ``busy_before_gathering`` seconds, and writes came in while it committed, it waits up to
-    ``gather_wait`` seconds for ``gather_min`` of them before it begins the next transaction.
-    A transaction costs about 0.4 ms of CPU before its first write (begin, look-ups, commit
-    and its fsync) and 0.05 ms per write after it, on the cores the calls themselves need: at
-    500 concurrent calls the median batch went from 2 writes to 16, and every command's round
-    trip got shorter, the rating's write included (docs/performance.md). A writer that has
-    been idle, or busy only briefly (50 concurrent calls), writes at once: there the wait
-    would only add to the round trip.
+    Under load the thread also gathers: when writes came in while it committed, and fewer
+    than ``gather_min`` wait, it waits up to ``gather_wait`` seconds for more before it begins
+    the next transaction. A transaction costs about 0.4 ms of CPU before its first write
+    (begin, look-ups, commit and its fsync) and 0.05 ms per write after it, on the cores the
+    calls themselves need: at 500 concurrent calls the median batch went from 2 writes to 16,
+    and every command's round trip got shorter, the rating's write included
+    (docs/performance.md). "Under load" is writes coming in at ``gather_rate`` per second or
+    more (by default two per ``gather_wait``), measured over the last 50 ms or more: below
+    that (50 concurrent calls) the wait would only add to the round trip, and every write
+    goes at once, as does a write that finds the writer idle.
     """
 
     def __init__(
@@ -115,15 +116,18 @@ class GroupWriter:
         max_run: float = 0.05,
         gather_wait: float = 0.0,
         gather_min: int = 8,
-        busy_before_gathering: float = BUSY_BEFORE_GATHERING,
+        gather_rate: float | None = None,
     ) -> None:
         self._store = store
         self._max_batch = max_batch
         self._max_run = max_run
         self._gather_wait = gather_wait
         self._gather_min = min(gather_min, max_batch)
-        self._busy_before_gathering = busy_before_gathering
-        self._busy_since: float | None = None  # the store thread's: when it last began writing after a pause
+        self._gather_rate = gather_rate if gather_rate is not None else 2 / gather_wait if gather_wait else 0.0
+        self._arrived = 0  # writes asked for since the start (under _lock)
+        self._rate = 0.0  # writes per second over the last window (the store thread's)
+        self._rate_since = time.monotonic()
+        self._rate_count = 0
         self._lock = threading.Lock()  # _pending, _running and _gathering, shared with the store thread
         self._more = threading.Condition(self._lock)  # enough writes to stop gathering
         self._pending: list[tuple[str, dict[str, Any], defer.Deferred[Any]]] = []
@@ -135,6 +139,7 @@ class GroupWriter:
         deferred: defer.Deferred[Any] = defer.Deferred()
         with self._lock:
             self._pending.append((name, kwargs, deferred))
+            self._arrived += 1
             if self._running:
                 if self._gathering and len(self._pending) >= self._gather_min:
                     self._more.notify()
@@ -149,16 +154,14 @@ class GroupWriter:
     def _drain(self) -> bool:
         """In the store thread: write batches until none is waiting; True if stopped by ``max_run``."""
         deadline = time.monotonic() + self._max_run
-        if self._busy_since is None:  # not after a max_run hand-back: the writer was idle
-            self._busy_since = time.monotonic()
-        committed = False  # the first batch goes at once
+        committed = False  # the first batch goes at once: the writer was idle
         while True:
             with self._lock:
                 if (
                     committed
                     and self._gather_wait
                     and 0 < len(self._pending) < self._gather_min
-                    and time.monotonic() - self._busy_since >= self._busy_before_gathering
+                    and self._arrival_rate() >= self._gather_rate
                 ):
                     self._gathering = True
                     self._more.wait_for(lambda: len(self._pending) >= self._gather_min, self._gather_wait)
@@ -166,7 +169,6 @@ class GroupWriter:
                 batch, self._pending = self._pending[: self._max_batch], self._pending[self._max_batch :]
                 if not batch:
                     self._running = False
-                    self._busy_since = None
                     return False
             try:
                 results = self._store.store.write_together([(name, kwargs) for name, kwargs, _ in batch])
@@ -177,6 +179,14 @@ class GroupWriter:
             committed = True
             if time.monotonic() >= deadline:
                 return True
+
+    def _arrival_rate(self) -> float:
+        """Writes per second over the last window of at least ``RATE_WINDOW`` (under ``_lock``)."""
+        now = time.monotonic()
+        if now - self._rate_since >= RATE_WINDOW:
+            self._rate = (self._arrived - self._rate_count) / (now - self._rate_since)
+            self._rate_since, self._rate_count = now, self._arrived
+        return self._rate
 
     def _drained(self, stopped_early: bool) -> None:
         if stopped_early:  # still _running: no one else has started the writer

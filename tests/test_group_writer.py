@@ -112,7 +112,7 @@ def test_under_load_the_writer_gathers_writes_until_enough_have_come(sqlite_stor
     async def scenario(reactor: Any) -> float:
         store = DeferredStore(sqlite_store, reactor)
         store.startService()
-        writer = GroupWriter(store, gather_wait=5.0, gather_min=8, busy_before_gathering=0.0)
+        writer = GroupWriter(store, gather_wait=5.0, gather_min=8, gather_rate=0.0)
         started = time.monotonic()
         first = rating(writer, "c-0")  # the writer was idle: this one is written at once
         await held.committing(reactor)
@@ -136,7 +136,7 @@ def test_gathering_gives_up_after_gather_wait(sqlite_store: Store) -> None:
     async def scenario(reactor: Any) -> float:
         store = DeferredStore(sqlite_store, reactor)
         store.startService()
-        writer = GroupWriter(store, gather_wait=0.2, gather_min=100, busy_before_gathering=0.0)
+        writer = GroupWriter(store, gather_wait=0.2, gather_min=100, gather_rate=0.0)
         first = rating(writer, "c-0")
         await held.committing(reactor)
         during = [rating(writer, f"c-{index}") for index in range(1, 4)]
@@ -176,15 +176,15 @@ def test_without_gather_wait_the_writer_takes_what_is_waiting_at_once(sqlite_sto
     assert waited < 0.15
 
 
-def test_a_writer_busy_only_briefly_does_not_gather(sqlite_store: Store) -> None:
+def test_below_gather_rate_the_writer_does_not_gather(sqlite_store: Store) -> None:
     held = HeldFirstBatch(sqlite_store)
 
     async def scenario(reactor: Any) -> float:
         store = DeferredStore(sqlite_store, reactor)
         store.startService()
-        # Moderate load (50 concurrent calls): the writer pauses often, and waiting would only
-        # lengthen the round trip. Here it has been writing for far less than 60 s.
-        writer = GroupWriter(store, gather_wait=5.0, gather_min=8, busy_before_gathering=60.0)
+        # Moderate load (50 concurrent calls): waiting would only lengthen the round trip.
+        # Four writes in a fraction of a second are far below a million per second.
+        writer = GroupWriter(store, gather_wait=5.0, gather_min=8, gather_rate=1e6)
         first = rating(writer, "c-0")
         await held.committing(reactor)
         during = [rating(writer, f"c-{index}") for index in range(1, 4)]
