@@ -101,12 +101,12 @@ class GroupWriter:
     than ``gather_min`` wait, it waits up to ``gather_wait`` seconds for more before it begins
     the next transaction. A transaction costs about 0.4 ms of CPU before its first write
     (begin, look-ups, commit and its fsync) and 0.05 ms per write after it, on the cores the
-    calls themselves need: at 500 concurrent calls the median batch went from 2 writes to 16,
-    and every command's round trip got shorter, the rating's write included
+    calls themselves need: at 500 concurrent calls a wait of 2 ms took the median batch from
+    3 writes to 10, and the calls' CPU and round trips down, the rating's write included
     (docs/performance.md). "Under load" is writes coming in at ``gather_rate`` per second or
     more (by default two per ``gather_wait``), measured over the last 50 ms or more: below
-    that (50 concurrent calls) the wait would only add to the round trip, and every write
-    goes at once, as does a write that finds the writer idle.
+    that (50 concurrent calls) the wait would only add to the round trip, so every write goes
+    at once, as does a write that finds the writer idle.
     """
 
     def __init__(
