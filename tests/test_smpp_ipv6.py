@@ -13,14 +13,13 @@ import errno
 import logging
 import random
 import socket
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
 from gateway.sms.smpp import LinkDropped, SmppClient, _Link
-from gateway.testing.smsc import Smsc, _Timers
+from gateway.testing.smsc import Smsc
 from tests.test_smpp_client import Ticker, part, smpp_config, submit_all, until, with_client
 
 
@@ -38,26 +37,6 @@ def _no_ipv6_loopback() -> str | None:
 
 NO_IPV6 = _no_ipv6_loopback()
 needs_ipv6 = pytest.mark.skipif(NO_IPV6 is not None, reason=NO_IPV6 or "")
-
-
-class Ipv6Smsc(Smsc):
-    """The fault-injecting SMSC listening on ``::1`` (its own listener is IPv4 only)."""
-
-    def __init__(self, **options: Any) -> None:
-        super().__init__(host="::1", **options)
-
-    def start(self) -> Ipv6Smsc:
-        listener = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind((self.host, self.port))
-        listener.listen(64)
-        listener.settimeout(0.1)
-        self._listener = listener
-        self.port = listener.getsockname()[1]
-        self._started = time.monotonic()
-        self._timers = _Timers()
-        self._spawn(self._accept_loop, "smsc-accept")
-        return self
 
 
 @contextlib.contextmanager
@@ -101,7 +80,7 @@ def test_the_client_binds_and_submits_to_an_smsc_on_an_ipv6_literal() -> None:
         state = client.state()
         assert state["bound"] and state["reconnects"] == 0 and smsc.binds == 1
 
-    with_client({}, scenario, peer=Ipv6Smsc, host="::1")
+    with_client({"host": "::1"}, scenario, host="::1")
 
 
 @needs_ipv6
@@ -124,7 +103,7 @@ def test_a_host_name_is_connected_to_its_addresses_in_turn_reaching_the_ipv6_one
             assert client.state()["reconnects"] == 0  # the second address was tried without a drop
             assert smsc.binds == 2  # the transmitter and the receiver, each after the refused address
 
-        with_client({}, scenario, peer=Ipv6Smsc, host="smsc.test", bind_mode="transmitter_receiver")
+        with_client({"host": "::1"}, scenario, host="smsc.test", bind_mode="transmitter_receiver")
     skipped = [r.getMessage() for r in caplog.records if "event=smpp.connect_failed" in r.getMessage()]
     assert len(skipped) == 2 and all(f"address=127.0.0.1:{closed} " in m for m in skipped)
 
@@ -147,7 +126,7 @@ def test_when_every_address_refuses_the_link_drops_with_the_last_error_and_retri
                 f"cannot connect to smsc.test:{smsc.port}: ECONNREFUSED at 127.0.0.1:{closed4}, the last of 2 addresses"
             )
 
-        with_client({}, scenario, peer=Ipv6Smsc, host="smsc.test")
+        with_client({"host": "::1"}, scenario, host="smsc.test")
 
 
 # -- the connect's decisions, with a simulated clock (no IPv6 needed) --------------------------------

@@ -572,7 +572,8 @@ class Smsc:
         self.stop()
 
     def start(self) -> Smsc:
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        """Listen on ``host`` (an IPv6 literal such as ``::1`` listens on IPv6) and accept in a thread."""
+        listener = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind((self.host, self.port))
         listener.listen(64)
