@@ -130,13 +130,14 @@ def test_under_load_the_writer_gathers_writes_until_enough_have_come(sqlite_stor
     assert everything < 2.0  # it did not wait out the 5 s gather_wait
 
 
-def test_gathering_gives_up_after_gather_wait(sqlite_store: Store) -> None:
+def _three_written_during_a_commit(sqlite_store: Store, **options: Any) -> tuple[list[int], float]:
+    """Batch sizes, and how long three writes asked for during the first commit took after it."""
     held = HeldFirstBatch(sqlite_store)
 
     async def scenario(reactor: Any) -> float:
         store = DeferredStore(sqlite_store, reactor)
         store.startService()
-        writer = GroupWriter(store, gather_wait=0.2, gather_min=100, gather_rate=0.0)
+        writer = GroupWriter(store, **options)
         first = rating(writer, "c-0")
         await held.committing(reactor)
         during = [rating(writer, f"c-{index}") for index in range(1, 4)]
@@ -149,53 +150,24 @@ def test_gathering_gives_up_after_gather_wait(sqlite_store: Store) -> None:
         return waited
 
     waited = run_on_reactor(scenario)
-    assert held.batches == [1, 3]
+    return held.batches, waited
+
+
+def test_gathering_gives_up_after_gather_wait(sqlite_store: Store) -> None:
+    batches, waited = _three_written_during_a_commit(sqlite_store, gather_wait=0.2, gather_min=100, gather_rate=0.0)
+    assert batches == [1, 3]
     assert 0.15 <= waited < 2.0  # it waited for more, then wrote the three it had
 
 
 def test_without_gather_wait_the_writer_takes_what_is_waiting_at_once(sqlite_store: Store) -> None:
-    held = HeldFirstBatch(sqlite_store)
-
-    async def scenario(reactor: Any) -> float:
-        store = DeferredStore(sqlite_store, reactor)
-        store.startService()
-        writer = GroupWriter(store)  # gather_wait 0: no gathering
-        first = rating(writer, "c-0")
-        await held.committing(reactor)
-        during = [rating(writer, f"c-{index}") for index in range(1, 4)]
-        held.release()
-        await first
-        committed = time.monotonic()
-        await defer.gatherResults(during)
-        waited = time.monotonic() - committed
-        await store.stopService()
-        return waited
-
-    waited = run_on_reactor(scenario)
-    assert held.batches == [1, 3]
+    batches, waited = _three_written_during_a_commit(sqlite_store)  # gather_wait 0: no gathering
+    assert batches == [1, 3]
     assert waited < 0.15
 
 
 def test_below_gather_rate_the_writer_does_not_gather(sqlite_store: Store) -> None:
-    held = HeldFirstBatch(sqlite_store)
-
-    async def scenario(reactor: Any) -> float:
-        store = DeferredStore(sqlite_store, reactor)
-        store.startService()
-        # Moderate load (50 concurrent calls): waiting would only lengthen the round trip.
-        # Four writes in a fraction of a second are far below a million per second.
-        writer = GroupWriter(store, gather_wait=5.0, gather_min=8, gather_rate=1e6)
-        first = rating(writer, "c-0")
-        await held.committing(reactor)
-        during = [rating(writer, f"c-{index}") for index in range(1, 4)]
-        held.release()
-        await first
-        committed = time.monotonic()
-        await defer.gatherResults(during)
-        waited = time.monotonic() - committed
-        await store.stopService()
-        return waited
-
-    waited = run_on_reactor(scenario)
-    assert held.batches == [1, 3]
+    # Moderate load (50 concurrent calls): waiting would only lengthen the round trip.
+    # Four writes in a fraction of a second are far below a million per second.
+    batches, waited = _three_written_during_a_commit(sqlite_store, gather_wait=5.0, gather_min=8, gather_rate=1e6)
+    assert batches == [1, 3]
     assert waited < 2.0  # not the 5 s gather_wait
