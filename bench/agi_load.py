@@ -78,9 +78,9 @@ SO_TIMESTAMPNS = 35
 TIMESPEC = struct.Struct("qq")
 
 
-def socket_wait(ancillary: list[tuple[int, int, bytes]], now: float | None = None) -> float:
-    """Seconds a read's bytes waited in the socket: ``now`` (``time.time()``) less their arrival."""
-    now = time.time() if now is None else now
+def socket_wait(ancillary: list[tuple[int, int, bytes]]) -> float:
+    """Seconds a read's bytes waited in the socket: now (``time.time()``) less their arrival."""
+    now = time.time()
     for level, kind, data in ancillary:
         if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= TIMESPEC.size:
             seconds, nanoseconds = TIMESPEC.unpack_from(data)

@@ -124,11 +124,11 @@ class GroupWriter:
         self._gather_wait = gather_wait
         self._gather_min = min(gather_min, max_batch)
         self._gather_rate = gather_rate if gather_rate is not None else 2 / gather_wait if gather_wait else 0.0
-        self._arrived = 0  # writes asked for since the start (under _lock)
-        self._rate = 0.0  # writes per second over the last window (the store thread's)
+        self._arrived = 0  # writes asked for since the start
+        self._rate = 0.0  # writes per second over the last window (see _arrival_rate)
         self._rate_since = time.monotonic()
         self._rate_count = 0
-        self._lock = threading.Lock()  # _pending, _running and _gathering, shared with the store thread
+        self._lock = threading.Lock()  # all of the above that changes, shared with the store thread
         self._more = threading.Condition(self._lock)  # enough writes to stop gathering
         self._pending: list[tuple[str, dict[str, Any], defer.Deferred[Any]]] = []
         self._running = False
