@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
 import os
 import re
 import tomllib
@@ -106,6 +107,39 @@ def _parse_str(value: Any) -> str:
     return str(value)
 
 
+#: A host name as resolvers take it (RFC 1123 labels; underscores, which some internal DNS uses).
+_HOST_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_HOST_NAME = re.compile(rf"(?=.{{1,253}}$){_HOST_LABEL}(?:\.{_HOST_LABEL})*\.?")
+
+
+def _host(value: Any) -> str:
+    """A host name, an IPv4 address or an IPv6 address, with or without brackets (``[::1]``).
+
+    The brackets are taken off: Twisted's listeners and ``getaddrinfo`` want the bare address.
+    A port written into the host (``127.0.0.1:2775``) is refused with a pointer to ``port``,
+    rather than failing later as a name that does not resolve.
+    """
+    text = _parse_str(value).strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+        if not _is_ipv6(text):
+            raise ValueError(f"{value!r}: only an IPv6 address goes in brackets")
+        return text
+    if not text or _is_ipv6(text) or _HOST_NAME.fullmatch(text):
+        return text  # empty: every interface (a listener)
+    if re.fullmatch(r"\[?[^\s\]]*\]?:\d+", text):
+        raise ValueError(f"{value!r} names a port: give the host alone and the port in `port`")
+    raise ValueError(f"{value!r} is not a host name or an IP address")
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _port(value: Any) -> int:
     port = _parse_int(value)
     if not 0 <= port <= 65535:
@@ -190,7 +224,7 @@ class CalendarConfig:
 @dataclass(frozen=True)
 class HttpConfig:
     enabled: bool = _opt(_parse_bool)
-    host: str = _opt(_parse_str)
+    host: str = _opt(_host)
     port: int = _opt(_port)
     max_body_bytes: int = _opt(_positive_int)
 
@@ -198,7 +232,7 @@ class HttpConfig:
 @dataclass(frozen=True)
 class AgiConfig:
     enabled: bool = _opt(_parse_bool)
-    host: str = _opt(_parse_str)
+    host: str = _opt(_host)
     port: int = _opt(_port)
     backlog: int = _opt(_positive_int)
     wait: float = _opt(parse_duration)
@@ -216,14 +250,14 @@ class AgiConfig:
 @dataclass(frozen=True)
 class SmtpConfig:
     enabled: bool = _opt(_parse_bool)
-    host: str = _opt(_parse_str)
+    host: str = _opt(_host)
     port: int = _opt(_port)
 
 
 @dataclass(frozen=True)
 class SmppConfig:
     enabled: bool = _opt(_parse_bool)
-    host: str = _opt(_parse_str)
+    host: str = _opt(_host)
     port: int = _opt(_port)
     system_id: str = _opt(_parse_str)
     password: str = _opt(_parse_str)

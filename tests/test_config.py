@@ -70,6 +70,41 @@ def test_every_problem_is_reported_with_source_key_and_reason(tmp_path: Path) ->
 
 
 @pytest.mark.parametrize(
+    ("written", "taken"),
+    [
+        ("127.0.0.1", "127.0.0.1"),
+        ("smsc.carrier.example", "smsc.carrier.example"),
+        ("smsc_1.corp", "smsc_1.corp"),
+        ("::1", "::1"),
+        ("[::1]", "::1"),
+        (" [2001:db8::5] ", "2001:db8::5"),
+        ("", ""),
+    ],
+)
+def test_hosts_are_names_or_addresses_and_ipv6_brackets_come_off(written: str, taken: str) -> None:
+    config = load_config(None, environ={"GATEWAY_SMPP_HOST": written, "GATEWAY_AGI_HOST": written})
+    assert config.smpp.host == taken and config.agi.host == taken
+
+
+@pytest.mark.parametrize(
+    ("written", "words"),
+    [
+        ("127.0.0.1:2775", "names a port: give the host alone and the port in `port`"),
+        ("[::1]:2775", "names a port"),
+        ("smsc.example:2775", "names a port"),
+        ("[smsc.example]", "only an IPv6 address goes in brackets"),
+        ("smsc example", "is not a host name or an IP address"),
+        ("-smsc.example", "is not a host name or an IP address"),
+    ],
+)
+def test_a_host_that_cannot_be_one_is_refused_at_start_up(written: str, words: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, environ={"GATEWAY_SMPP_HOST": written})
+    text = str(caught.value)
+    assert text.startswith(f"environment GATEWAY_SMPP_HOST: [smpp] host: {written!r}") and words in text
+
+
+@pytest.mark.parametrize(
     ("content", "words"),
     [("[http\nport=1", "is not valid TOML"), ("\xff\xfe", "not UTF-8"), (None, "does not exist")],
 )

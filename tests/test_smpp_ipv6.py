@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from gateway.config import load_config
 from gateway.sms.smpp import LinkDropped, SmppClient, _Link
 from gateway.testing.smsc import Smsc
 from tests.test_smpp_client import Ticker, part, smpp_config, submit_all, until, with_client
@@ -81,6 +82,19 @@ def test_the_client_binds_and_submits_to_an_smsc_on_an_ipv6_literal() -> None:
         assert state["bound"] and state["reconnects"] == 0 and smsc.binds == 1
 
     with_client({"host": "::1"}, scenario, host="::1")
+
+
+@needs_ipv6
+def test_an_ipv6_literal_in_brackets_from_the_configuration_reaches_the_smsc() -> None:
+    """``host = "[::1]"``, as URLs write it, is the address ``::1`` (it used to fail to resolve)."""
+    host = load_config(None, environ={"GATEWAY_SMPP_HOST": "[::1]"}).smpp.host
+    assert host == "::1"
+
+    async def scenario(reactor: Any, smsc: Smsc, client: SmppClient, ticker: Ticker) -> None:
+        outcomes, _ = await submit_all(reactor, client, [part(1)])
+        assert len(outcomes.ids()) == 1 and smsc.binds == 1
+
+    with_client({"host": "::1"}, scenario, host=host)
 
 
 @needs_ipv6
