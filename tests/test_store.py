@@ -5,12 +5,15 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
 from sqlalchemy import event, select
 
 from gateway.intake import ServiceRecordInput
 from gateway.rating import Channel, Level, ServiceKind
 from storage import migrate
-from storage.schema import outbox, ratings, service_records
+from storage.schema import SERVICE_RECORD_LOOKUPS, metadata, outbox, ratings, service_records
 from storage.store import Store, StoreError
 
 NOW = datetime(2026, 11, 23, 2, 0, tzinfo=UTC)
@@ -144,6 +147,53 @@ def test_tokens_have_roles_and_only_their_hash_is_kept(store: Store) -> None:
 def test_upgrade_is_idempotent(store: Store) -> None:
     migrate.upgrade(store.engine)
     assert migrate.current_revision(store.engine) == migrate.head_revision(store.engine)
+
+
+def test_the_migrated_schema_is_the_tables_of_storage_schema(store: Store) -> None:
+    """Migrations and ``storage.schema`` describe the same tables, columns and indexes."""
+    with store.engine.connect() as connection:
+        context = MigrationContext.configure(connection)
+        assert compare_metadata(context, metadata) == []
+
+
+def test_look_up_indexes_hold_only_rows_with_a_value_and_serve_the_look_ups(store: Store) -> None:
+    """Sparse indexes (migration 0004): a record writes no page to the index of a column it lacks."""
+    with store.engine.connect() as connection:
+        if connection.dialect.name == "sqlite":
+            partial = {row[1]: row[4] for row in connection.exec_driver_sql("PRAGMA index_list(service_records)")}
+        else:
+            partial = {
+                name: int(" WHERE " in definition)
+                for name, definition in connection.exec_driver_sql(
+                    "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'service_records'"
+                )
+            }
+            connection.exec_driver_sql("SET enable_seqscan = off")  # an empty table: show what it would use
+        for column in SERVICE_RECORD_LOOKUPS:
+            index = f"ix_service_records_{column}"
+            assert partial[index] == 1, index
+            for condition, values in ((f"{column} = 'x'", ()), (f"{column} IN ('x', 'y')", ())):
+                explain = "EXPLAIN QUERY PLAN" if connection.dialect.name == "sqlite" else "EXPLAIN"
+                plan = " ".join(
+                    str(row[-1])
+                    for row in connection.exec_driver_sql(
+                        f"{explain} SELECT id FROM service_records WHERE {condition}", values
+                    )
+                )
+                assert index in plan, (condition, plan)
+        assert partial["ix_service_records_updated_at"] == 0  # every record has one
+
+
+def test_migration_0004_goes_down_and_up_again(store: Store) -> None:
+    config = migrate.alembic_config(store.engine)
+    with store.engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.downgrade(config, "0003")
+    assert migrate.current_revision(store.engine) == "0003"
+    store.upsert_service_records([matter("M-1", matter_code="X1")])
+    migrate.upgrade(store.engine)
+    assert migrate.current_revision(store.engine) == migrate.head_revision(store.engine)
+    assert store.get_service_record("M-1") is not None
 
 
 def test_group_commit_of_call_ratings_matches_one_by_one_writes(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
