@@ -71,8 +71,8 @@ def sparse_index(table: str, column: str) -> Index:
     """An index of only the rows that have ``column``: a row without it writes no index page.
 
     A hotline call's record has no e-mail, department, batch or theme, and an imported
-    matter's often no call ids: with one full index per look-up column, a call's rating
-    wrote 27 pages per commit, 21 with these (docs/performance.md). Every look-up compares
+    matter's often no call ids. With one full index per look-up column, a commit of one call's
+    rating wrote 25 pages to the WAL; with these, 20 (docs/performance.md). Every look-up compares
     the column with a value, which implies ``IS NOT NULL``, so SQLite and PostgreSQL both
     still use the index (tests/test_store.py checks the plans).
     """
