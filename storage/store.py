@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -18,7 +19,7 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, func, insert, select, text, update
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from gateway.config import Config
 from gateway.intake import ServiceRecordInput
@@ -168,8 +169,13 @@ def make_engine(url: str, *, threads: int = 8) -> Engine:
         @event.listens_for(engine, "begin")
         def _sqlite_begin(connection: Any) -> None:
             # IMMEDIATE: take the write lock at the start, so that a writer waits for another
-            # (busy timeout) instead of failing when it upgrades a read lock.
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
+            # (busy timeout) instead of failing when it upgrades a read lock. Sent on the DBAPI
+            # connection: through Core's execution path it cost 27 us of the store thread per
+            # transaction (half of engine.begin()'s own cost). Errors are Core's, as before.
+            try:
+                connection.connection.driver_connection.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as error:
+                raise DBAPIError.instance("BEGIN IMMEDIATE", (), error, sqlite3.Error) from error
 
         return engine
     return create_engine(url, pool_size=threads, max_overflow=threads, pool_pre_ping=True)

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import sqlite3
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import event, select
+from sqlalchemy.exc import OperationalError
 
 from gateway.intake import ServiceRecordInput
 from gateway.rating import Channel, Level, ServiceKind
 from storage import migrate
 from storage.schema import SERVICE_RECORD_LOOKUPS, metadata, outbox, ratings, service_records
-from storage.store import Store, StoreError
+from storage.store import Store, StoreError, make_engine
 
 NOW = datetime(2026, 11, 23, 2, 0, tzinfo=UTC)
 
@@ -134,6 +138,30 @@ def test_find_ratings_by_call_work_order_and_agent(store: Store) -> None:
         found = store.find_ratings(**query)  # type: ignore[arg-type]
         assert [(r.level, r.channel, r.raw_input) for r in found] == [(Level.VERY_SATISFIED, "voice", "1")]
     assert store.find_ratings(agent_id="A1024", since=NOW + timedelta(seconds=1)) == []
+
+
+def test_a_sqlite_writer_waits_for_the_write_lock_and_fails_as_core_reports_it(tmp_path: Path) -> None:
+    """``BEGIN IMMEDIATE`` (sent on the DBAPI connection) raises Core's OperationalError when locked."""
+    path = tmp_path / "gateway.sqlite3"
+    engine = make_engine(f"sqlite:///{path}")
+    migrate.upgrade(engine)
+
+    @event.listens_for(engine, "connect")
+    def short_wait(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.execute("PRAGMA busy_timeout = 50")
+
+    engine.dispose()
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(OperationalError, match="database is locked"), engine.begin() as connection:
+            connection.exec_driver_sql("SELECT 1")
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    with engine.begin() as connection:  # the lock released, the same engine writes
+        connection.exec_driver_sql("UPDATE service_records SET kind = kind")
+    engine.dispose()
 
 
 def test_tokens_have_roles_and_only_their_hash_is_kept(store: Store) -> None:
