@@ -59,7 +59,7 @@ REMOVED_APPLICATIONS = {
     "pausemonitor": "was removed in Asterisk 21 (app_monitor); use MixMonitor",
     "unpausemonitor": "was removed in Asterisk 21 (app_monitor); use MixMonitor",
     "sipaddheader": "was removed with chan_sip in Asterisk 21; use Set(PJSIP_HEADER(add,...))",
-    "deadagi": "no longer exists; AGI runs on hung-up channels itself",
+    "deadagi": "is deprecated (still documented in 20 and 22); use AGI, which runs on hung-up channels itself",
 }
 
 # Dialplan functions of Asterisk 20 and later (`core show function <NAME>`). Not exhaustive.
@@ -446,8 +446,8 @@ def test_fastagi_url_carries_the_call_identifiers(plan):
     prefix, _, query = url.partition("?")
     assert prefix == "agi://${HCP_AGI_HOST}:${HCP_AGI_PORT}/rating"
     assert parse_qsl(query, keep_blank_values=True) == [
-        ("call_id", "${UNIQUEID}"),
-        ("linked_id", "${CHANNEL(linkedid)}"),
+        ("call_id", "${URIENCODE(${UNIQUEID})}"),
+        ("linked_id", "${URIENCODE(${CHANNEL(linkedid)})}"),
         ("agent", "${URIENCODE(${HCP_AGENT_ID})}"),
         ("work_order", "${URIENCODE(${HCP_WORK_ORDER})}"),
         ("matter", "${URIENCODE(${HCP_MATTER_CODE})}"),
@@ -532,7 +532,7 @@ def test_hotline_example_hands_over_when_the_agent_hangs_up(plan):
 
 
 def test_hotline_example_sets_inherited_identifiers(plan):
-    """Two underscores: the values also reach Local channels and transfer targets."""
+    """Two underscores: the values also reach the Local channels and agent legs created from the caller's."""
     assigned = {
         args.split("=", 1)[0]
         for steps in plan.contexts["hcp-hotline-example"].values()
