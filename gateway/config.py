@@ -479,6 +479,15 @@ def _cross_checks(sections: dict[str, Any], origin: dict[tuple[str, str], str], 
     for low, high in (("reconnect_min_delay", "reconnect_max_delay"), ("throttle_delay", "throttle_max_delay")):
         if getattr(smpp, high) < getattr(smpp, low):
             problems.append(Problem(where("smpp", high), f"[smpp] {high}", f"must not be shorter than {low}"))
+    if sections["smtp"].enabled:
+        # The e-mail channel is not built yet: say so rather than start with nothing listening.
+        problems.append(
+            Problem(
+                where("smtp", "enabled"),
+                "[smtp] enabled",
+                "the e-mail channel is not part of this version, so nothing would listen; set it to false",
+            )
+        )
     listeners = [(s, sections[s]) for s in ("http", "agi", "smtp") if sections[s].enabled]
     seen: dict[tuple[str, int], str] = {}
     for name, listener in listeners:

@@ -104,6 +104,14 @@ def test_a_host_that_cannot_be_one_is_refused_at_start_up(written: str, words: s
     assert text.startswith(f"environment GATEWAY_SMPP_HOST: [smpp] host: {written!r}") and words in text
 
 
+def test_enabling_the_e_mail_listener_is_refused_while_the_channel_is_not_built() -> None:
+    """Issue 2: listeners of channels not built yet are absent; enabling one must not pass in silence."""
+    assert load_config(None, environ={}).smtp.enabled is False
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, environ={"GATEWAY_SMTP_ENABLED": "true"})
+    assert str(caught.value).startswith("environment GATEWAY_SMTP_ENABLED: [smtp] enabled: the e-mail channel")
+
+
 @pytest.mark.parametrize(
     ("content", "words"),
     [("[http\nport=1", "is not valid TOML"), ("\xff\xfe", "not UTF-8"), (None, "does not exist")],
