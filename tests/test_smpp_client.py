@@ -811,3 +811,42 @@ def test_no_wake_up_is_lost_when_a_command_comes_while_the_wake_socket_is_draine
     finally:
         wake.close()
         link._wake_w.close()
+
+
+def test_answers_that_arrived_before_the_smsc_reset_the_connection_are_taken_before_the_drop() -> None:
+    """SPEC R3.7: a part the SMSC acknowledged is not sent again, even when the send that finds
+    the connection reset comes before the read. The SMSC answers, then closes with our next
+    submit unread (so its kernel resets the connection); our send fails; the drop still reads
+    the answer that sits in the socket, so only the unanswered part has an unknown outcome."""
+    import random
+
+    from gateway.sms.smpp import LinkDropped, _Client, _Connection, _Link, _Queued
+
+    events: list[tuple[Any, ...]] = []
+    link = _Link(smpp_config(1), events.extend, time.monotonic, random.Random(1))
+    part = SubmitPart("13800138000", "10690012345", "好".encode("utf-16-be"), 0)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        ours = socket.create_connection(listener.getsockname(), timeout=5)
+        theirs, _ = listener.accept()
+    ours.setblocking(False)
+    conn = _Connection(1, "transceiver", _Client("127.0.0.1", 1, 1.0), ours, phase="bound")
+    link.connections, link.phase = [conn], "bound"
+    now = time.monotonic()
+    link.window.open(7, _Queued(1, part), now)
+    link.window.open(8, _Queued(2, part), now)
+    try:
+        ours.send(encode_pdu("submit_sm", 8, 0, destination_addr="13800138000"))  # unread by the SMSC
+        theirs.sendall(encode_pdu("submit_sm_resp", 7, 0, message_id="a0007"))
+        time.sleep(0.05)
+        theirs.close()  # unread data: the kernel answers with a reset, not a FIN
+        time.sleep(0.05)
+        conn.out += b"x" * 64
+        with pytest.raises(LinkDropped, match="while writing") as dropped:
+            link._write(conn)
+        link._drop(str(dropped.value))
+        link._flush_events()
+    finally:
+        link._wake_r.close()
+        link._wake_w.close()
+    assert ("ok", 1, "a0007") in events
+    assert [event[:2] for event in events if event[0] == "unknown"] == [("unknown", 2)]

@@ -827,6 +827,7 @@ class _Link:
 
     def _drop(self, reason: str) -> None:
         """Close the link; what was in flight has an unknown outcome; reconnect after a backoff."""
+        self._harvest_answers(self._clock())
         was_bound = self.bound
         if self._draining is not None and reason != self._draining:
             reason = f"{self._draining}; then {reason}"
@@ -847,6 +848,37 @@ class _Link:
         log.warning("event=smpp.link_down reason=%r in_flight_lost=%d reconnect_in=%.2f", reason, len(lost), delay)
         if was_bound:
             self._events.append(("unbound", reason))
+
+    def _harvest_answers(self, now: float) -> None:
+        """Before dropping the link, take the submit answers already in the sockets (SPEC R3.7).
+
+        An SMSC that closes or resets the connection may have answered parts just before. A send
+        that fails on the reset (the loop writes before it reads) would drop the link with those
+        answers unread, and parts the SMSC acknowledged would be sent again. The kernel still
+        hands out what arrived before a reset, so each answer read here is a part not sent twice.
+        Nothing else is taken: a message delivered now can no longer be acknowledged, and the
+        SMSC delivers it again after the reconnect.
+        """
+        for conn in self.connections:
+            if conn.phase == "connecting":
+                continue
+            for _ in range(64):  # at most 16 MiB: a peer that keeps sending cannot hold the drop up
+                try:
+                    data = conn.sock.recv(262144, socket.MSG_DONTWAIT)
+                except OSError:  # nothing more to read (EAGAIN), or the reset itself
+                    break
+                if not data:
+                    break
+                try:
+                    pdus, garbled = conn.framer.feed(data), False
+                except FramingError as error:
+                    pdus, garbled = error.pdus, True
+                for raw in pdus:
+                    header = read_header(raw)
+                    if header.command_id == SUBMIT_SM_RESP:
+                        self._submit_answered(header, raw, now)
+                if garbled:
+                    break
 
     def _close_all(self) -> None:
         for conn in self.connections:
