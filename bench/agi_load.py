@@ -4,6 +4,7 @@
     .venv/bin/python bench/agi_load.py --concurrency 500 --calls 5000
     .venv/bin/python bench/agi_load.py --placement unpinned pinned --servers gateway pyst2 asyncio
     .venv/bin/python bench/agi_load.py --concurrency 500 --by-command --time-scale 0.05
+    .venv/bin/python bench/agi_load.py --concurrency 500 --rounds 3 --placement unpinned pinned
 
 Plays Asterisk's side with the simulated channel of ``gateway.testing.asterisk`` (faithful to
 the recorded transcripts) for many concurrent calls with a mix of paths: key during the
@@ -827,6 +828,14 @@ def main() -> None:
         help="what carries the simulated channels: asyncio on bare sockets (default: 0.30 ms of CPU per call, "
         "taken from the two cores the server runs on) or Twisted's client (0.45-0.85 ms)",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="load the servers in turn this many times per level and placement (A B A B ...), then give "
+        "each one's median and range and the median of the per-round ratios: this host's load drifts "
+        "by the minute, and only runs side by side compare",
+    )
     parser.add_argument("--drive", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.drive:
@@ -844,10 +853,43 @@ def main() -> None:
     for concurrency in args.concurrency:
         calls = args.calls or min(10_000, max(200, 200 * concurrency))
         for placement in args.placement:
-            exit_status |= compare(
-                args.servers, calls, concurrency, args.seed, placement, args.time_scale, args.generator, args.by_command
-            )
+            rounds: list[dict[str, LoadResult]] = []
+            for _ in range(max(1, args.rounds)):
+                status, loads = compare(
+                    args.servers,
+                    calls,
+                    concurrency,
+                    args.seed,
+                    placement,
+                    args.time_scale,
+                    args.generator,
+                    args.by_command,
+                )
+                exit_status |= status
+                rounds.append(loads)
+            if len(rounds) > 1:
+                summarise(rounds, placement, concurrency)
     sys.exit(exit_status)
+
+
+def summarise(rounds: list[dict[str, LoadResult]], placement: str, concurrency: int) -> None:
+    """Median and range over the rounds, per server, and the median of each round's ratio to pyst2."""
+    print(f"-- {len(rounds)} rounds, {placement}, concurrency {concurrency}: median (min-max)")
+    for name in rounds[0]:
+        rates = [loads[name].calls / loads[name].seconds for loads in rounds]
+        p99s = [percentile(loads[name].round_trips_ms, 99) for loads in rounds]
+        line = (
+            f"   {name:<16} calls/s {statistics.median(rates):>6.0f} ({min(rates):.0f}-{max(rates):.0f})"
+            f"  rtt p99 {statistics.median(p99s):>5.1f}ms ({min(p99s):.1f}-{max(p99s):.1f})"
+        )
+        reference = "pyst2 reference"
+        if name != reference and reference in rounds[0]:
+            ratios = [
+                (loads[name].calls / loads[name].seconds) / (loads[reference].calls / loads[reference].seconds)
+                for loads in rounds
+            ]
+            line += f"  ratio to pyst2 {statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
+        print(line, flush=True)
 
 
 def compare(
@@ -859,11 +901,13 @@ def compare(
     time_scale: float,
     generator: str,
     by_command: bool,
-) -> int:
-    """One level, each server in turn; 1 if the gateway lost or invented a rating."""
+) -> tuple[int, dict[str, LoadResult]]:
+    """One level, each server in turn: 1 if the gateway lost or invented a rating, and the loads by server."""
     exit_status = 0
+    loads: dict[str, LoadResult] = {}
     for name, factory in (SERVERS[server] for server in servers):
         load, stored = measure(factory, calls, concurrency, seed, placement, time_scale, generator)
+        loads[name] = load
         wrong = {k for k in load.delivered if stored.get(k) != load.delivered[k]}
         extra = set(stored) - set(load.delivered)
         ok = not wrong and not extra
@@ -886,7 +930,7 @@ def compare(
                     f"{quantiles_ms(load.wire_by_command.get(verb, []))}",
                     flush=True,
                 )
-    return exit_status
+    return exit_status, loads
 
 
 if __name__ == "__main__":
