@@ -454,6 +454,46 @@ def test_key_value_arguments_join_the_query_and_win():
     assert request.args[2] == "not a param"
 
 
+def test_a_query_argument_is_decoded_as_the_url_query():
+    """Classic AGI has no URL: the dialplan passes the FastAGI query, URIENCODE'd, as ``?…``."""
+    request = parse_environment(
+        [
+            "agi_request: gateway-agi",
+            # URIENCODE's output for 'WO,9 "a\\b"' and 评价; a '+' written unencoded stays a '+'.
+            "agi_arg_1: ?call_id=1795370500.1&work_order=WO%2C9%20%22a%5Cb%22&matter=%E8%AF%84%E4%BB%B7"
+            "&queue=A+B&agent=",
+        ]
+    )
+    assert dict(request.params) == {
+        "call_id": "1795370500.1",
+        "work_order": 'WO,9 "a\\b"',
+        "matter": "评价",
+        "queue": "A+B",  # '+' is not a space, as in the URL
+        "agent": "",
+    }
+    assert request.args == (request.env["agi_arg_1"],)
+
+
+def test_later_arguments_win_whatever_their_form():
+    request = parse_environment(
+        [
+            "agi_network: yes",
+            "agi_network_script: rating?agent=url&work_order=url&queue=url",
+            "agi_arg_1: agent=raw",
+            "agi_arg_2: ?agent=query&work_order=query",
+            "agi_arg_3: work_order=raw%2C",
+        ]
+    )
+    assert dict(request.params) == {"agent": "query", "work_order": "raw%2C", "queue": "url"}
+
+
+def test_a_malformed_query_argument_is_read_as_far_as_it_goes():
+    request = parse_environment(["agi_request: gateway-agi", "agi_arg_1: ?&&call_id=%E8%AF&=x&agent=%zz"])
+    assert request.params["call_id"] == "\ufffd"  # a truncated UTF-8 sequence is replaced, not an error
+    assert request.params["agent"] == "%zz"
+    assert request.params[""] == "x"
+
+
 def test_arguments_are_ordered_by_number_not_by_arrival():
     request = parse_environment(["agi_request: x.py", "agi_arg_10: ten", "agi_arg_2: two", "agi_arg_1: one"])
     assert request.args == ("one", "two", "ten")

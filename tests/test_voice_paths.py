@@ -303,3 +303,25 @@ def test_classic_agi_script(
     assert unrated_reason(store, "1795370500.1") == reason
     if expected:
         assert result.variables["HCP_RATING"] == str(int(expected[0][0]))
+
+
+@pytest.mark.slow
+def test_classic_agi_script_reads_the_dialplans_query_argument(tmp_path: Path, classic_env: dict[str, str]) -> None:
+    """hcp-rating-classic passes the identifiers URIENCODE'd after a '?' (dialplans/hcp-rating.conf):
+    a work order with a comma, a quote and a backslash reaches the service record whole (SPEC R2.1)."""
+    store = classic_store(tmp_path)
+    query = "?call_id=1795370500.2&linked_id=1795370500.1&agent=A%207&work_order=WO%2C9%20%22a%5Cb%22&matter=&queue="
+    result = sim.run_classic_agi(
+        [GATEWAY_AGI, query],
+        "w4 d1",
+        env_extra=classic_env,
+        timeout=60,
+        time_scale=0.3,
+        prompt_seconds=PROMPTS,
+        agi_env={"agi_uniqueid": "1795370500.2", "agi_callerid": "13900001111"},
+    )
+    assert result.exit_status == 0, result.stderr.decode()
+    assert stored(store, "1795370500.2") == [(Level.VERY_SATISFIED, "1")]
+    record = store.get_service_record("1795370500.2")
+    assert record is not None
+    assert (record["workOrder"], record["agentId"], record["linkedId"]) == ('WO,9 "a\\b"', "A 7", "1795370500.1")

@@ -81,9 +81,11 @@ class AGIRequest:
       ``host:port/`` up to ``?``); classic AGI: ``agi_request``, the script name as written.
     - ``params``: the URL query of ``agi_network_script`` (``&``-separated, percent-decoded as
       UTF-8; ``+`` stays ``+`` because Asterisk's ``URIENCODE`` writes a space as ``%20``),
-      then every ``agi_arg_N`` of the form ``key=value`` (raw, not decoded). A key in both
-      takes the argument's value: arguments need no URL encoding, so they are the form a
-      dialplan writer controls best, and the only form classic AGI has. Within the query a
+      then every ``agi_arg_N`` in order: one that starts with ``?`` is a query string,
+      decoded as the URL's (``AGI(gateway-agi,?call_id=${URIENCODE(...)}&...)``: classic AGI
+      has no URL, and Asterisk splits arguments at commas and strips quotes and backslashes,
+      which ``URIENCODE`` escapes); any other of the form ``key=value`` is taken raw, not
+      decoded. A later source wins over an earlier one for the same key, and within a query a
       repeated key keeps its last value.
     - ``args``: every ``agi_arg_N`` in order of N, raw (empty ones too).
     - ``caller_id``: ``agi_callerid``, or None when Asterisk says ``unknown`` or nothing.
@@ -113,6 +115,9 @@ class AGIRequest:
         args = _arguments(env)
         params = dict(_query_params(query))
         for arg in args:
+            if arg.startswith("?"):
+                params.update(_query_params(arg[1:]))
+                continue
             key, sep, value = arg.partition("=")
             if sep and _PARAM_KEY.fullmatch(key):
                 params[key] = value
