@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -358,22 +358,31 @@ class SmsStore:
     # -- sending (SPEC R3.1, R3.7) -------------------------------------------------------------
 
     def claim_messages(
-        self, owner: str, limit: int, *, lease: float, now: datetime | None = None
+        self,
+        owner: str,
+        limit: int,
+        *,
+        lease: float,
+        holding: Collection[int] = (),
+        now: datetime | None = None,
     ) -> list[OutgoingMessage]:
-        """Lease up to ``limit`` queued messages to ``owner``, answers first, then oldest."""
+        """Lease up to ``limit`` queued messages to ``owner``, answers first, then oldest.
+
+        ``holding`` are the messages ``owner`` still has parts of in flight: never claimed again
+        while it does, even when their lease ran out (a link down for longer than the lease),
+        or they would be sent twice (SPEC R3.1).
+        """
         now = now or utcnow()
         m = messages.c
-        due = (
-            select(m.id)
-            .where(
-                m.status == "queued",
-                m.direction == "out",
-                m.send_after <= now,
-                or_(m.claimed_until.is_(None), m.claimed_until <= now),
-            )
-            .order_by(m.priority, m.id)
-            .limit(limit)
-        )
+        claimable = [
+            m.status == "queued",
+            m.direction == "out",
+            m.send_after <= now,
+            or_(m.claimed_until.is_(None), m.claimed_until <= now),
+        ]
+        if holding:
+            claimable.append(m.id.not_in(sorted(holding)))
+        due = select(m.id).where(*claimable).order_by(m.priority, m.id).limit(limit)
         if not self.store.is_sqlite:
             due = due.with_for_update(skip_locked=True)
         claim = (
@@ -408,6 +417,25 @@ class SmsStore:
             for message_id, phone_enc, source, body, attempts, _ in rows
         ]
 
+    def renew_leases(self, owner: str, message_ids: Sequence[int], *, lease: float, now: datetime | None = None) -> int:
+        """Extend ``owner``'s leases of messages it still has parts of in flight.
+
+        A lease is how long other senders keep off a message; a sender whose parts wait longer
+        than that (a link down, a throttling SMSC) renews it, so that no other instance sends
+        the message again meanwhile (SPEC R3.1). Returns how many leases were still ``owner``'s.
+        """
+        now = now or utcnow()
+        m = messages.c
+        renewed = 0
+        with self.store.engine.begin() as connection:
+            for chunk in _chunks(sorted(message_ids)):
+                renewed += connection.execute(
+                    update(messages)
+                    .where(m.id.in_(chunk), m.claimed_by == owner, m.status == "queued")
+                    .values(claimed_until=now + timedelta(seconds=lease))
+                ).rowcount
+        return renewed
+
     def record_acks(self, acks: Sequence[Ack], *, now: datetime | None = None) -> int:
         """Keep each acknowledged part's message id; a message whose parts are all in is submitted.
 
@@ -431,7 +459,12 @@ class SmsStore:
             }
             for ack in acks
         ]
-        complete = [ack.message_id for ack in acks if ack.complete]
+        # By attempt: a late answer to an attempt already failed (a receipt said so while its
+        # last part was in flight) completes nothing; the next attempt is still to be sent.
+        complete: dict[int, list[int]] = {}
+        for ack in acks:
+            if ack.complete:
+                complete.setdefault(ack.attempt, []).append(ack.message_id)
         with self.store.engine.begin() as connection:
             # The hot path of sending: one executemany at the driver, without per-row type
             # processing (the time is stored as UTC, as UTCDateTime would store it).
@@ -455,44 +488,57 @@ class SmsStore:
                     for row in rows
                 ],
             )
-            for chunk in _chunks(complete):
-                connection.execute(
-                    update(messages)
-                    .where(m.id.in_(chunk), m.status == "queued")
-                    .values(status="submitted", claimed_by=None, claimed_until=None, updated_at=now)
-                )
+            completed = 0
+            for attempt, message_ids in sorted(complete.items()):
+                for chunk in _chunks(message_ids):
+                    completed += connection.execute(
+                        update(messages)
+                        .where(m.id.in_(chunk), m.status == "queued", m.attempts == attempt)
+                        .values(status="submitted", claimed_by=None, claimed_until=None, updated_at=now)
+                    ).rowcount
             self._match_waiting_receipts(connection, [row["smsc_id"] for row in rows], now)
-        return len(complete)
+        return completed
 
-    def release_messages(self, message_ids: Sequence[int]) -> None:
-        """Give back leases: the unacknowledged parts go again, to whichever sender claims them."""
+    def release_messages(self, message_ids: Sequence[int], *, owner: str | None = None) -> None:
+        """Give back leases: the unacknowledged parts go again, to whichever sender claims them.
+
+        With ``owner``, only the leases that are still ``owner``'s: one that ran out and was
+        claimed by another sender is that sender's now.
+        """
         m = messages.c
         with self.store.engine.begin() as connection:
             for chunk in _chunks(list(message_ids)):
-                connection.execute(
-                    update(messages)
-                    .where(m.id.in_(chunk), m.status == "queued")
-                    .values(claimed_by=None, claimed_until=None)
-                )
+                releasable = [m.id.in_(chunk), m.status == "queued"]
+                if owner is not None:
+                    releasable.append(m.claimed_by == owner)
+                connection.execute(update(messages).where(*releasable).values(claimed_by=None, claimed_until=None))
 
-    def fail_attempts(self, errors: dict[int, str], *, now: datetime | None = None) -> None:
+    def fail_attempts(
+        self, errors: dict[int, str], *, attempts: dict[int, int] | None = None, now: datetime | None = None
+    ) -> None:
         """The SMSC refused these messages, or reported them undelivered: try again, bounded (R3.7).
 
         A new attempt sends every part again under a new UDH reference; after ``max_attempts``
-        the message is failed and reported.
+        the message is failed and reported. ``attempts`` names the attempt each error is about:
+        one that is already over (a receipt failed it first) is not failed twice.
         """
         if not errors:
             return
         now = now or utcnow()
         with self.store.engine.begin() as connection:
             for message_id, error in errors.items():
-                self._fail_attempt(connection, message_id, error, now)
+                self._fail_attempt(connection, message_id, error, now, (attempts or {}).get(message_id))
 
-    def _fail_attempt(self, connection: Connection, message_id: int, error: str, now: datetime) -> None:
+    def _fail_attempt(
+        self, connection: Connection, message_id: int, error: str, now: datetime, attempt: int | None = None
+    ) -> None:
         m = messages.c
-        attempts = connection.execute(select(m.attempts).where(m.id == message_id)).scalar_one_or_none()
-        if attempts is None:
+        row = connection.execute(select(m.attempts, m.status).where(m.id == message_id)).first()
+        if row is None or row.status not in ("queued", "submitted"):
             return
+        if attempt is not None and row.attempts != attempt:  # that attempt is over already
+            return
+        attempts = row.attempts
         attempts += 1
         if attempts < self.settings.max_attempts:
             values: dict[str, Any] = {
@@ -724,6 +770,7 @@ class SmsStore:
             key = "text:" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:40]
         q = sms_inbox.c
         with self.store.engine.begin() as connection:
+            self._one_sender_at_a_time(connection, phone_hash)
             seen = connection.execute(
                 select(q.id)
                 .where(q.phone_hash == phone_hash, q.dedupe_key == key, q.received_at >= now - REPEAT_WINDOW)
@@ -760,6 +807,20 @@ class SmsStore:
             if phone is None:
                 return ReplyOutcome("not_invited")
             return self._act_on_reply(connection, phone, phone_hash, destination, text, now)
+
+    def _one_sender_at_a_time(self, connection: Connection, phone_hash: str) -> None:
+        """Serialize the replies of one sender until this transaction ends.
+
+        The parts of one reply, or an SMSC's second delivery of one, can be stored at the same
+        moment by two threads or instances. Under PostgreSQL's READ COMMITTED neither sees the
+        other's part, so neither would find the reply whole (nor the other a repeat). A lock
+        per sender (a transaction-level advisory lock) makes the second wait for the first's
+        commit. SQLite has one writer at a time already (``BEGIN IMMEDIATE``).
+        """
+        if self.store.is_sqlite:
+            return
+        key = int.from_bytes(hashlib.sha256(f"hcp-sms-reply:{phone_hash}".encode()).digest()[:8], "big", signed=True)
+        connection.execute(select(func.pg_advisory_xact_lock(key)))
 
     def _whole_message(
         self, connection: Connection, phone_hash: str, concatenation: tuple[int, int, int], now: datetime

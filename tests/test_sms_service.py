@@ -214,3 +214,25 @@ def test_a_part_the_client_cannot_encode_fails_the_attempt_instead_of_looping(ha
     [message] = table(store, messages)
     assert message["status"] == "queued" and message["attempts"] == 1 and message["error"] == "unencodable"
     service.stopService()
+
+
+def test_parts_waiting_longer_than_the_lease_are_sent_once_and_the_lease_is_kept(harness: Any) -> None:
+    """SPEC R3.1: with the link down for longer than the lease, nothing is claimed and sent twice,
+    by this sender or by another instance."""
+    service, client, clock, store = harness
+    completed(store, "M-1")
+    service.startService()
+    clock.advance(0)
+    assert len(client.sent) == 2  # both parts handed to the client, which holds them (link down)
+    for _ in range(int(service.lease * 2.5 / service.interval)):
+        clock.advance(service.interval)
+    assert len(client.sent) == 2
+    [message] = table(store, messages)
+    assert message["claimed_by"] == service.owner
+    now = datetime.fromtimestamp(clock.seconds(), UTC)
+    assert message["claimed_until"] > now  # renewed while the parts waited
+    assert service.sms_store.claim_messages("other-instance", 10, lease=60, now=now) == []
+    client.answer_all()
+    clock.advance(0)
+    assert table(store, messages)[0]["status"] == "submitted"
+    service.stopService()

@@ -6,6 +6,7 @@ Time is passed in (``now=``), so the schedule is walked through holidays without
 from __future__ import annotations
 
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -213,6 +214,88 @@ def test_undelivered_receipt_retries_the_message(store: Store, sms: SmsStore) ->
     assert sms.store_receipt("X2", DeliveryState.UNDELIVERABLE, "011") == "matched"
     [message] = rows(store, messages)
     assert message["status"] == "queued" and message["attempts"] == 1
+
+
+def test_a_message_held_in_flight_is_not_claimed_again_when_its_lease_runs_out(store: Store, sms: SmsStore) -> None:
+    """SPEC R3.1: a link down for longer than the lease must not make the holder send it twice."""
+    done = shanghai(2026, 11, 23, 10, 0)
+    complete(store, "M-1", done)
+    invite(sms, done + timedelta(minutes=2))
+    now = datetime.now(UTC)
+    [out] = sms.claim_messages("a", 10, lease=60, now=now)
+    assert sms.claim_messages("a", 10, lease=60, holding=[out.id], now=now + timedelta(seconds=61)) == []
+    # The holder renews its lease while parts wait; no other sender takes the message meanwhile.
+    assert sms.renew_leases("a", [out.id], lease=60, now=now + timedelta(seconds=40)) == 1
+    assert sms.claim_messages("b", 10, lease=60, now=now + timedelta(seconds=61)) == []
+    assert sms.renew_leases("b", [out.id], lease=60, now=now + timedelta(seconds=61)) == 0  # not b's to renew
+    # Not renewed (the holder died): after the lease another sender takes it over.
+    [again] = sms.claim_messages("b", 10, lease=60, now=now + timedelta(seconds=101))
+    assert again.id == out.id
+    # The first holder's late release does not free b's lease.
+    sms.release_messages([out.id], owner="a")
+    assert rows(store, messages)[0]["claimed_by"] == "b"
+    sms.release_messages([out.id], owner="b")
+    assert rows(store, messages)[0]["claimed_by"] is None
+
+
+def test_a_late_answer_to_an_attempt_a_receipt_failed_completes_nothing(store: Store, sms: SmsStore) -> None:
+    """SPEC R3.7: part 1's failure receipt comes while part 2 waits for its submit_sm_resp."""
+    done = shanghai(2026, 11, 23, 10, 0)
+    complete(store, "M-1", done)
+    invite(sms, done + timedelta(minutes=2))
+    [out] = sms.claim_messages("a", 10, lease=60)
+    total = len(encode_ucs2_parts(out.body, out.concat_ref))
+    assert total >= 2
+    sms.record_acks([Ack(out.id, 0, 1, total, "x1", False)])
+    assert sms.store_receipt("x1", DeliveryState.UNDELIVERABLE, "011") == "matched"
+    assert (rows(store, messages)[0]["status"], rows(store, messages)[0]["attempts"]) == ("queued", 1)
+    # Attempt 0's last answers come late: the message is not "submitted", attempt 1 is still due.
+    assert sms.record_acks([Ack(out.id, 0, seq, total, f"x{seq}", seq == total) for seq in range(2, total + 1)]) == 0
+    # And a refusal of a part of attempt 0 does not fail it a second time.
+    sms.fail_attempts({out.id: "ESME_RTHROTTLED"}, attempts={out.id: 0})
+    [message] = rows(store, messages)
+    assert (message["status"], message["attempts"]) == ("queued", 1)
+    [retry] = sms.claim_messages("a", 10, lease=60, now=datetime.now(UTC) + timedelta(hours=1))
+    assert retry.attempt == 1 and retry.acknowledged == frozenset()
+
+
+def test_parts_of_one_reply_stored_at_the_same_moment_are_put_together(
+    store: Store, sms: SmsStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two threads (or instances) store the two parts at once: one of them finds the reply whole."""
+    done = shanghai(2026, 11, 23, 10, 0)
+    complete(store, "M-1", done)
+    invite(sms, done + timedelta(minutes=2))
+    raw = "4 窗口态度不好".encode("utf-16-be")
+    first_inside = threading.Event()
+    real = SmsStore._whole_message
+
+    def slow_first(self, connection, phone_hash, concatenation, now):  # type: ignore[no-untyped-def]
+        whole = real(self, connection, phone_hash, concatenation, now)
+        if concatenation[2] == 1:
+            first_inside.set()
+            time.sleep(0.5)  # part 1 found itself alone; part 2 comes before its transaction ends
+        return whole
+
+    monkeypatch.setattr(SmsStore, "_whole_message", slow_first)
+    outcomes: dict[int, str] = {}
+
+    def store_part(seq: int, payload: bytes) -> None:
+        at = done + timedelta(hours=1)
+        outcomes[seq] = sms.store_reply(
+            "13800138000", "10690012345", payload, 8, concatenation=(9, 2, seq), now=at
+        ).status
+
+    first = threading.Thread(target=store_part, args=(1, raw[:6]))
+    first.start()
+    assert first_inside.wait(10)
+    second = threading.Thread(target=store_part, args=(2, raw[6:]))
+    second.start()
+    first.join(30)
+    second.join(30)
+    assert sorted(outcomes.values()) == ["rated", "waiting"]
+    [rating] = rows(store, ratings)
+    assert rating["level"] == int(Level.DISSATISFIED) and rating["comment"] == "窗口态度不好"
 
 
 def reply(sms: SmsStore, text: str, phone: str = "13800138000", to: str = "10690012345") -> str:

@@ -101,6 +101,7 @@ class SmsService(service.Service):
         self._flushing: defer.Deferred[Any] | None = None
         self._scheduler: task.LoopingCall | None = None
         self._housekeeping: task.LoopingCall | None = None
+        self._renewal: task.LoopingCall | None = None
         self._idle_poll: Any = None
         self._receipts: list[tuple[tuple[str, Any, str | None], defer.Deferred[Any]]] = []
         self._receipts_flushing = False
@@ -118,12 +119,15 @@ class SmsService(service.Service):
         self._housekeeping = task.LoopingCall(self._tidy)
         self._housekeeping.clock = self.reactor
         self._housekeeping.start(60.0, now=False).addErrback(self._loop_died, "housekeeping")
+        self._renewal = task.LoopingCall(self._renew_leases)
+        self._renewal.clock = self.reactor
+        self._renewal.start(self.lease / 3, now=False).addErrback(self._loop_died, "lease renewal")
         self.pump()
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
         super().stopService()
-        for loop in (self._scheduler, self._housekeeping):
+        for loop in (self._scheduler, self._housekeeping, self._renewal):
             if loop is not None and loop.running:
                 loop.stop()
         if self._idle_poll is not None and self._idle_poll.active():
@@ -182,8 +186,29 @@ class SmsService(service.Service):
             return
         self._claiming = True
         self._pump_again = False
-        d = self.store.run(self.sms_store.claim_messages, self.owner, room, lease=self.lease, now=self._now())
+        d = self.store.run(
+            self.sms_store.claim_messages,
+            self.owner,
+            room,
+            lease=self.lease,
+            holding=tuple(self._in_flight),
+            now=self._now(),
+        )
         d.addCallbacks(self._submit_all, self._claim_failed, callbackArgs=(room,))
+
+    def _renew_leases(self) -> defer.Deferred[Any] | None:
+        """Keep the leases of the messages with parts in flight (a link down, a slow SMSC)."""
+        if not self._in_flight:
+            return None
+        held = tuple(self._in_flight)
+        d = self.store.run(self.sms_store.renew_leases, self.owner, held, lease=self.lease, now=self._now())
+
+        def renewed(count: int) -> None:
+            if count < len(held):  # failed by a receipt meanwhile, or the lease had run out already
+                log.info("event=sms.lease_lost messages=%s", len(held) - count)
+
+        d.addCallbacks(renewed, lambda f: log.warning("event=sms.lease_renewal_failed error=%s", f.type.__name__))
+        return d
 
     def _claim_failed(self, failure: Failure) -> None:
         self._claiming = False
@@ -204,6 +229,9 @@ class SmsService(service.Service):
             self._idle_poll = self.reactor.callLater(delay, self.pump)
 
     def _submit(self, message: OutgoingMessage) -> None:
+        if message.id in self._in_flight:  # never: claims leave out what is held; never send twice
+            log.error("event=sms.claimed_twice message=%s", message.id)
+            return
         parts = encode_ucs2_parts(message.body, message.concat_ref)
         todo = [part for part in parts if _seq(part) not in message.acknowledged]
         if not todo:  # every part was acknowledged before a restart: only the status is missing
@@ -261,9 +289,14 @@ class SmsService(service.Service):
             if flight.error is not None:
                 error = flight.error
                 now = self._now()
-                self._after_flush(lambda: self.sms_store.fail_attempts({flight.message.id: error}, now=now))
+                message = flight.message
+                self._after_flush(
+                    lambda: self.sms_store.fail_attempts(
+                        {message.id: error}, attempts={message.id: message.attempt}, now=now
+                    )
+                )
             elif flight.unknown:
-                self._after_flush(lambda: self.sms_store.release_messages([flight.message.id]))
+                self._after_flush(lambda: self.sms_store.release_messages([flight.message.id], owner=self.owner))
             self.pump()
         elif flight.acks:
             # Keep each mapping as soon as it comes: a receipt may follow at once (SPEC R3.7).
