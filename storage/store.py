@@ -474,15 +474,16 @@ class Store:
                 rated.add(pk)
         for call_id, pk in by_record_id.items():
             known.setdefault(call_id, pk)
-        linked = {
-            hand_off.get("linked_id"): hand_off.get("call_id") or ""
-            for hand_off in hand_offs
-            if (hand_off.get("call_id") or "") not in known and hand_off.get("linked_id")
-        }
+        linked: dict[str, list[str]] = {}  # linked id → every unknown call of the batch that has it
+        for hand_off in hand_offs:
+            call_id = hand_off.get("call_id") or ""
+            if call_id not in known and hand_off.get("linked_id"):
+                linked.setdefault(hand_off["linked_id"], []).append(call_id)
         if linked:
             for pk, _, _, linked_id, kind, _ in rows:
                 if kind == "call" and linked_id in linked:
-                    known.setdefault(linked[linked_id], pk)
+                    for call_id in linked[linked_id]:
+                        known.setdefault(call_id, pk)
         new_records: dict[str, tuple[Any, ...]] = {}
         bringer: dict[str, str] = {}  # linked id → the call id whose new record carries it
         joined: dict[str, str] = {}  # call id → the call id whose new record it joins

@@ -11,7 +11,7 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import event, select
+from sqlalchemy import event, func, select
 from sqlalchemy.exc import OperationalError
 
 from gateway.intake import ServiceRecordInput
@@ -267,6 +267,25 @@ def test_group_commit_of_call_ratings_matches_one_by_one_writes(store: Store, mo
         pushed = set(connection.execute(select(outbox.c.record_id)).scalars())
         counted = set(connection.execute(select(ratings.c.record_id).where(ratings.c.is_attempt.is_(False))).scalars())
     assert pushed == counted and len(counted) == 5
+
+
+def test_calls_of_one_batch_sharing_a_known_linked_id_all_join_its_record(store: Store) -> None:
+    """SPEC R1.4/R2.1: two unknown calls with the linked id of a record rate it once, in a batch as one by one."""
+    store.upsert_service_records([ServiceRecordInput(id="WO-1", kind=ServiceKind.CALL, linked_id="L1")])
+
+    def rating(call_id: str, key: str) -> tuple[str, dict[str, object]]:
+        level = {"1": Level.VERY_SATISFIED, "2": Level.SATISFIED}[key]
+        hand_off = {"call_id": call_id, "linked_id": "L1", "agent_id": "A1", "caller": "13800138000"}
+        return "call_rating", {"hand_off": hand_off, "level": level, "key": key, "rated_at": NOW}
+
+    results = store.write_together([rating("caller.A", "1"), rating("caller.B", "2")])
+    assert [counted for _, counted in results] == [True, False]
+    found = store.find_ratings(linked_id="L1")
+    assert {r.service_id for r in found} == {"WO-1"}
+    assert sorted((r.level, r.is_attempt) for r in found) == [(Level.SATISFIED, True), (Level.VERY_SATISFIED, False)]
+    assert store.count_service_records() == 1
+    with store.engine.connect() as connection:
+        assert connection.execute(select(func.count()).select_from(outbox)).scalar() == 1
 
 
 def test_group_commit_stores_exactly_what_the_one_by_one_path_stores(store: Store) -> None:
