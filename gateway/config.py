@@ -243,6 +243,7 @@ class AgiConfig:
     comment_max: float = _opt(parse_duration)
     comment_dir: str = _opt(_parse_str)
     idle_timeout: float = _opt(parse_duration)
+    shutdown_grace: float = _opt(parse_duration)
     answer: bool = _opt(_parse_bool)
     key_map: KeyMap = _opt(lambda v: KeyMap.from_config(v))
 

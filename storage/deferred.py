@@ -30,6 +30,10 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 
+class StoreStopped(RuntimeError):
+    """A store call came after the store service stopped."""
+
+
 class DeferredStore(Service):
     """Runs :class:`Store` methods off the reactor thread."""
 
@@ -41,6 +45,7 @@ class DeferredStore(Service):
         size = 1 if store.is_sqlite else threads_
         self._pool = ThreadPool(minthreads=1, maxthreads=size, name="store")
         self._in_flight: set[defer.Deferred[Any]] = set()
+        self._stopped = False
 
     def startService(self) -> None:
         super().startService()
@@ -51,11 +56,19 @@ class DeferredStore(Service):
         super().stopService()
         while self._in_flight:  # a finishing batch may start the next one
             yield defer.DeferredList(list(self._in_flight), consumeErrors=True)
+        self._stopped = True
         self._pool.stop()
         self.store.engine.dispose()
 
     def run(self, function: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> defer.Deferred[T]:
-        """Call ``function(*args, **kwargs)`` in a store thread."""
+        """Call ``function(*args, **kwargs)`` in a store thread.
+
+        After the store has stopped this fails at once (and says so in the log): a stopped
+        thread pool would keep the call queued forever, and its caller waiting for nothing.
+        """
+        if self._stopped:
+            log.error("event=store.call_after_stop call=%s", getattr(function, "__name__", "?"))
+            return defer.fail(StoreStopped("the store has stopped; nothing was written"))
         deferred: defer.Deferred[T] = threads.deferToThreadPool(
             self._reactor,
             self._pool,
@@ -192,8 +205,14 @@ class GroupWriter:
         if stopped_early:  # still _running: no one else has started the writer
             self._start()
 
-    def _crashed(self, failure: Failure) -> None:  # pragma: no cover - _drain catches what it runs
-        log.error("event=store.group_writer_crashed error=%s", failure.type.__name__)
+    def _crashed(self, failure: Failure) -> None:
+        if failure.check(StoreStopped):  # nothing will run them: each caller hears so now
+            with self._lock:
+                batch, self._pending = self._pending, []
+                self._running = False
+            self._fail(batch, failure)
+            return
+        log.error("event=store.group_writer_crashed error=%s", failure.type.__name__)  # pragma: no cover
         with self._lock:
             self._running = bool(self._pending)
         if self._running:

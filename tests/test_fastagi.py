@@ -191,6 +191,44 @@ def test_garbled_or_oversized_input_ends_that_call_only(factory: FastAGIFactory,
     assert not healthy.transport.disconnecting
 
 
+def test_a_line_that_is_not_agi_records_the_call_as_an_error_not_a_hangup(
+    factory: FastAGIFactory, writer: FakeWriter
+) -> None:
+    """SPEC R2.3: the reason says what ended the call; the caller did not hang up."""
+    call = start(factory)
+    call.send(b"garbage from nowhere\n")
+    assert call.transport.disconnecting
+    assert writer.names() == ["unrated_call"] and writer.writes[0][1]["reason"] == "error"
+
+
+def test_stopping_lets_calls_end_within_the_grace_then_ends_and_records_the_rest(
+    factory: FastAGIFactory, writer: FakeWriter, clock: Clock
+) -> None:
+    """A SIGTERM mid-call: nothing the caller did is lost, and every call is recorded (R2.3, R2.4)."""
+    finishing, rating, silent = start(factory), start(factory), start(factory)
+    drained = factory.drain(grace=10)  # shorter than the idle timeout (30 s)
+    assert not drained.called
+    # One call ends on its own within the grace period: its key is stored as usual.
+    finishing.answer("200 result=49 endpos=100")
+    writer.writes[0][2].callback(("ev-1", True))
+    finishing.answer("200 result=1")
+    finishing.answer("200 result=0 endpos=100")
+    finishing.protocol.connectionLost()
+    # Another pressed its key and its rating is being written when the grace runs out.
+    rating.answer("200 result=50 endpos=100")
+    clock.advance(10)
+    assert silent.transport.disconnecting  # ended by the gateway, recorded as not rated
+    assert [(name, kwargs.get("reason")) for name, kwargs, _ in writer.writes[2:]] == [("unrated_call", "error")]
+    assert not rating.transport.disconnecting  # waits for its rating's write (R2.4)
+    writer.writes[1][2].callback(("ev-2", True))
+    assert rating.transport.disconnecting
+    for call in (rating, silent):
+        call.protocol.connectionLost()
+    assert drained.called
+    assert factory.stats.rated == 2 and factory.stats.not_rated == 1 and factory.stats.active == 0
+    assert factory.drain(grace=30).called  # nothing left to wait for
+
+
 def test_broken_environment_and_unknown_script_are_closed(factory: FastAGIFactory) -> None:
     call = Call(factory)
     call.send(b"this is not an environment\n")

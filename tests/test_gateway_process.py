@@ -200,6 +200,49 @@ def test_sigterm_stops_cleanly_and_keeps_accepted_records(tmp_path: Path) -> Non
         again.process.wait(timeout=30)
 
 
+def test_sigterm_during_calls_ends_them_recorded_and_keeps_the_key(tmp_path: Path) -> None:
+    """A deploy mid-call: the call that pressed its key keeps its rating (R2.4); the one still in the
+    menu past the grace period is ended and recorded not rated, ready for an SMS (R2.3, R3.1)."""
+    running = start_gateway(tmp_path, {"GATEWAY_AGI_SHUTDOWN_GRACE": "1s"})
+    port = int(running.env["GATEWAY_AGI_PORT"])
+
+    def call(call_id: str) -> tuple[socket.socket, Any]:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        env = (
+            f"agi_network: yes\nagi_network_script: rating?call_id={call_id}\nagi_request: agi://x/rating\n"
+            f"agi_uniqueid: {call_id}\nagi_callerid: 13800138000\n\n"
+        )
+        sock.sendall(env.encode())
+        reader = sock.makefile("rb")
+        assert reader.readline().startswith(b"GET OPTION")
+        return sock, reader
+
+    keyed, keyed_reader = call("1795370900.1")
+    in_menu, in_menu_reader = call("1795370900.2")
+    keyed.sendall(b"200 result=49 endpos=4000\n")  # key 1, 非常满意
+    assert keyed_reader.readline() == b'SET VARIABLE HCP_RATING "5"\n'
+    started = time.monotonic()
+    running.process.send_signal(signal.SIGTERM)
+    assert in_menu_reader.readline() == b""  # ended by the gateway after the grace period
+    assert running.process.wait(timeout=30) == 0
+    assert time.monotonic() - started < 20
+    for sock, reader in ((keyed, keyed_reader), (in_menu, in_menu_reader)):
+        reader.close()
+        sock.close()
+    rated = json.loads(running.cli("ratings", "--call-id", "1795370900.1", "--json").stdout)
+    assert [(r["level"], r["channel"]) for r in rated] == [(5, "voice")]
+    log = running.log.read_text()
+    assert "event=agi.call_cut call_id=1795370900.2" in log and "event=store.call_after_stop" not in log
+    again = start_gateway(tmp_path)
+    try:
+        token = running.cli("token", "create", "--role", "operator").stdout.strip()
+        status, record = again.request("GET", "/v1/service-records/1795370900.2", token=token)
+        assert status == 200 and record["unratedReason"] == "error"
+    finally:
+        again.process.send_signal(signal.SIGTERM)
+        again.process.wait(timeout=30)
+
+
 def rate_by_phone(port: int, call_id: str, key: str, caller: str = "13800138000") -> list[bytes]:
     """Play Asterisk's side of one short call over real TCP: the caller presses ``key``."""
     env = (

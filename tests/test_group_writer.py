@@ -171,3 +171,18 @@ def test_below_gather_rate_the_writer_does_not_gather(sqlite_store: Store) -> No
     batches, waited = _three_written_during_a_commit(sqlite_store, gather_wait=5.0, gather_min=8, gather_rate=1e6)
     assert batches == [1, 3]
     assert waited < 2.0  # not the 5 s gather_wait
+
+
+def test_a_write_after_the_store_stopped_fails_at_once_instead_of_waiting_forever(sqlite_store: Store) -> None:
+    """A stopped thread pool would keep the call queued for good; its caller must hear it failed."""
+
+    async def scenario(reactor: Any) -> list[str]:
+        store = DeferredStore(sqlite_store, reactor)
+        store.startService()
+        await store.stopService()
+        writer = GroupWriter(store)
+        outcomes = await defer.DeferredList([rating(writer, "c-1"), rating(writer, "c-2")], consumeErrors=True)
+        again = await defer.DeferredList([rating(writer, "c-3")], consumeErrors=True)  # the writer is not stuck
+        return [type(result.value).__name__ for _, result in [*outcomes, *again]]
+
+    assert run_on_reactor(scenario) == ["StoreStopped"] * 3

@@ -119,6 +119,14 @@ class RatingCall:
             return []
         return self._feed(ConnectionLost())
 
+    def shut_down(self) -> list[Output]:
+        """The gateway is stopping and this call did not end in time: end it now (not rated, error)."""
+        if self.closed:
+            return []
+        if self.dialogue is None:
+            return self._close(None, "the gateway shut down before the AGI environment came")
+        return self._feed(ConnectionLost(problem="the gateway shut down during the call"))
+
     def _drain(self) -> list[Output]:
         outputs: list[Output] = []
         for event in self.connection.events():
@@ -131,6 +139,8 @@ class RatingCall:
                     log.warning("event=agi.protocol_error call_id=%s reason=%r", self.call_id, event.reason)
                 if self.dialogue is None:
                     outputs.extend(self._close(None, "the AGI environment was broken or cut short"))
+                elif isinstance(event, agi.ProtocolError):
+                    outputs.extend(self._feed(ConnectionLost(problem="Asterisk sent a line that is not AGI")))
                 else:
                     outputs.extend(self._feed(ConnectionLost()))
             else:

@@ -269,7 +269,14 @@ class PeerStalled:
 
 @dataclass(frozen=True)
 class ConnectionLost:
-    """The AGI connection is gone (EOF, reset, or a protocol error the adapter gave up on)."""
+    """The AGI connection is gone, or the adapter ends it.
+
+    Without ``problem`` Asterisk closed or reset it (the caller hung up, as far as the rating
+    goes: R2.4). With one, the call ends for that reason (a protocol error, the gateway
+    shutting down): not rated with reason ``error`` (R2.3), unless a key was received.
+    """
+
+    problem: str | None = None
 
 
 Event = CommandResponse | HangupNotice | RatingStored | StoreFailed | PeerStalled | ConnectionLost
@@ -651,6 +658,9 @@ class Dialogue:
             what = self._outstanding or "the last command"
             self._line_lost = f"Asterisk did not answer {what!r} in time"
             reason: NotRatedReason = "error"
+        elif event.problem is not None:
+            self._line_lost = event.problem
+            reason = "error"
         else:
             self._line_lost = "the AGI connection was lost"
             reason = "hangup"

@@ -83,6 +83,7 @@ class FastAGIProtocol(protocol.Protocol):
     def connectionMade(self) -> None:
         if not getattr(self.transport, "TLS", False):
             self._send_now = getattr(self.transport, "writeSomeData", None)
+        self.factory.calls.add(self)
         self.started = time.monotonic()
         self.factory.stats.active += 1
         self.factory.stats.started += 1
@@ -97,6 +98,12 @@ class FastAGIProtocol(protocol.Protocol):
         self.factory.stats.active -= 1
         self._cancel_idle()
         self._carry_out(self.call.lost())
+        self.factory.call_ended(self)
+
+    def shut_down(self) -> None:
+        """The gateway stops and this call has run past the grace period: end it, recorded (R2.3)."""
+        log.warning("event=agi.call_cut call_id=%s why=shutdown", self.call.call_id)
+        self._carry_out(self.call.shut_down())  # closes now, or once a rating being stored is in
 
     # -- carrying out the call's outputs -------------------------------------------------------
 
@@ -248,22 +255,60 @@ class FastAGIFactory(protocol.ServerFactory):
         self.max_line_length = max_line_length
         self.stats = CallStats()
         self.pending: set[defer.Deferred[Any]] = set()
+        self.calls: set[FastAGIProtocol] = set()
+        self._all_ended: list[defer.Deferred[None]] = []
 
     def buildProtocol(self, addr: Any) -> FastAGIProtocol:
         return FastAGIProtocol(self)
 
+    def call_ended(self, call: FastAGIProtocol) -> None:
+        self.calls.discard(call)
+        if not self.calls:
+            waiting, self._all_ended = self._all_ended, []
+            for deferred in waiting:
+                deferred.callback(None)
+
+    def drain(self, grace: float) -> defer.Deferred[None]:
+        """Fires when every call has ended: on its own within ``grace`` seconds, else ended by us.
+
+        A call ended by us is recorded as not rated (reason ``error``) unless its key was
+        received, and its rating is still written (R2.4); Asterisk's dialplan goes on.
+        """
+        if not self.calls:
+            return defer.succeed(None)
+        ended: defer.Deferred[None] = defer.Deferred()
+        self._all_ended.append(ended)
+        log.info("event=agi.draining calls=%d grace_s=%s", len(self.calls), grace)
+
+        def cut() -> None:
+            for call in list(self.calls):
+                call.shut_down()
+
+        timer = self.clock.callLater(grace, cut)
+        ended.addBoth(lambda result: (timer.cancel() if timer.active() else None, result)[1])
+        return ended
+
 
 class FastAGIService(internet.TCPServer):
-    """The listener; stopping it stops accepting and waits for the calls' store writes."""
+    """The listener; stopping it stops accepting, lets the calls end, and waits for their writes.
 
-    def __init__(self, port: int, factory: FastAGIFactory, interface: str, backlog: int) -> None:
+    The calls in progress get ``shutdown_grace`` seconds to end on their own; those still
+    running are then ended by the gateway (recorded as not rated, or rated if the key came).
+    Only then do their store writes finish and the store stop (``SequentialMultiService``).
+    """
+
+    def __init__(
+        self, port: int, factory: FastAGIFactory, interface: str, backlog: int, *, shutdown_grace: float = 30.0
+    ) -> None:
         super().__init__(port, factory, interface=interface, backlog=backlog)
         self.factory = factory
+        self.shutdown_grace = shutdown_grace
         self.setName("agi")
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
         yield super().stopService()
+        yield self.factory.drain(self.shutdown_grace)
         while self.factory.pending:
             yield defer.DeferredList(list(self.factory.pending), consumeErrors=True)
 
@@ -278,4 +323,6 @@ def build_fastagi_service(config: Config, reactor: Any, store: DeferredStore) ->
         reactor,
         idle_timeout=config.agi.idle_timeout,
     )
-    return FastAGIService(config.agi.port, factory, config.agi.host, config.agi.backlog)
+    return FastAGIService(
+        config.agi.port, factory, config.agi.host, config.agi.backlog, shutdown_grace=config.agi.shutdown_grace
+    )
