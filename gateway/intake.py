@@ -37,7 +37,8 @@ CSV_COLUMNS = (
 EXTRA_FIELDS = ("call_id", "linked_id", "queue", "applicant_type", "area_code")
 ALL_FIELDS = CSV_COLUMNS + EXTRA_FIELDS
 
-_MAX_LENGTH = {
+#: Longest value of each field, in characters: the store's columns (storage/schema.py).
+MAX_FIELD_LENGTH = {
     "id": 64,
     "matter_code": 64,
     "matter_name": 200,
@@ -138,7 +139,7 @@ def parse_service_record(
         if any(ord(ch) < 32 for ch in text):
             errors.append(FieldError(name, "contains control characters"))
             continue
-        limit = _MAX_LENGTH.get(name)
+        limit = MAX_FIELD_LENGTH.get(name)
         if limit and len(text) > limit:
             errors.append(FieldError(name, f"is longer than {limit} characters"))
             continue

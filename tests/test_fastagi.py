@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from sqlalchemy.exc import DataError
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -153,6 +154,16 @@ def test_a_failed_store_write_is_retried_before_giving_up(
     assert writer.names() == ["call_rating"] * 3
     writer.writes[-1][2].callback(("ev-3", True))
     assert call.sent() == ['SET VARIABLE HCP_RATING "5"']
+
+
+def test_a_write_the_database_refuses_for_good_is_not_retried(factory: FastAGIFactory, writer: FakeWriter) -> None:
+    """Retrying a value the database refuses only keeps the caller waiting seconds for the same answer."""
+    call = start(factory)
+    call.answer("200 result=49 endpos=100")
+    writer.writes[0][2].errback(DataError("INSERT", {}, Exception("value too long for type character varying(64)")))
+    assert writer.names() == ["call_rating"]
+    assert factory.stats.store_failures == 1
+    assert call.sent()  # the dialogue goes on at once (an apology, then the end)
 
 
 def test_stalled_peer_is_cut_off_after_the_idle_timeout(

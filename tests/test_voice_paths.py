@@ -71,6 +71,7 @@ def play(
     settings: DialogueSettings | None = None,
     fail_writes: int = 0,
     call_id: str = "1795370491.70",
+    query: str = "agent=A1024&work_order=WO-7",
     **options: Any,
 ) -> Played:
     """One call: the simulated channel and the FastAGI protocol exchange bytes; time jumps ahead."""
@@ -81,7 +82,7 @@ def play(
     env = sim.fastagi_environment(
         "127.0.0.1",
         4573,
-        f"rating?call_id={call_id}&linked_id={call_id}0&agent=A1024&work_order=WO-7",
+        f"rating?call_id={call_id}&linked_id={call_id}0&{query}",
         overrides={"agi_uniqueid": call_id, "agi_callerid": "13800138000"},
     )
     channel = sim.SimulatedChannel(env, caller_script, prompt_seconds=PROMPTS, **options)
@@ -226,6 +227,15 @@ def test_a_stalled_peer_after_the_key_still_leaves_the_rating_stored(sqlite_stor
     played = play(sqlite_store, "w1.5 d2", fault=sim.Fault(sim.FaultKind.STALL, at_reply=3))
     assert stored(sqlite_store) == [(Level.SATISFIED, "2")]
     assert played.factory.stats.active == 0
+
+
+def test_identifiers_longer_than_the_store_holds_are_cut_and_the_key_is_stored(store: Store) -> None:
+    """SPEC R2.4 on both backends: PostgreSQL refuses a 65th character where SQLite would not."""
+    work_order, agent = "WO-" + "9" * 97, "A" * 80
+    play(store, "w1.5 d2", query=f"agent={agent}&work_order={work_order}")
+    assert stored(store) == [(Level.SATISFIED, "2")]
+    record = store.get_service_record("1795370491.70")
+    assert record is not None and (record["workOrder"], record["agentId"]) == (work_order[:64], agent[:64])
 
 
 def test_locked_database_is_retried_and_the_key_is_not_lost(sqlite_store: Store) -> None:

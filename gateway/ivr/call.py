@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from gateway.intake import MAX_FIELD_LENGTH
 from gateway.ivr import agi
 from gateway.ivr.dialogue import (
     ConnectionLost,
@@ -48,7 +49,7 @@ def hand_off_from_request(request: agi.AGIRequest) -> dict[str, str | None]:
                 return value
         return None
 
-    return {
+    hand_off = {
         "call_id": param("call_id") or request.unique_id or None,
         "linked_id": param("linked_id"),
         "agent_id": param("agent", "agent_id"),
@@ -57,6 +58,14 @@ def hand_off_from_request(request: agi.AGIRequest) -> dict[str, str | None]:
         "queue": param("queue"),
         "caller": param("caller") or request.caller_id,
     }
+    # A call cannot be refused as the intake refuses a record: an identifier longer than its
+    # column is cut to fit, so that the key is stored all the same (R2.4).
+    for name, value in hand_off.items():
+        limit = MAX_FIELD_LENGTH.get(name)
+        if value is not None and limit is not None and len(value) > limit:
+            log.warning("event=agi.identifier_cut field=%s length=%d limit=%d", name, len(value), limit)
+            hand_off[name] = value[:limit]
+    return hand_off
 
 
 @dataclass(frozen=True)

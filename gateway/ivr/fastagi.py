@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from sqlalchemy.exc import DataError, ProgrammingError
 from twisted.application import internet
 from twisted.internet import defer, protocol, task
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -23,12 +24,15 @@ from gateway.config import Config
 from gateway.ivr.call import Close, RatingCall, Write, describe
 from gateway.ivr.dialogue import DialogueSettings, NotRated, StoreDetail, StoreRating
 from gateway.ivr.settings import DETAIL_HOLD, details_may_follow, dialogue_settings
-from storage.deferred import DeferredStore, GroupWriter
+from storage.deferred import DeferredStore, GroupWriter, StoreStopped
 
 log = logging.getLogger("gateway.ivr.fastagi")
 
 #: Delays before retrying a failed store write; a key pressed is a rating stored (SPEC R2.4).
 STORE_RETRY_DELAYS = (0.2, 1.0, 3.0)
+#: Failures that would only repeat (a value the database refuses, a store stopped): no retry,
+#: so the caller is not kept waiting seconds for the same answer.
+NOT_RETRIED = (DataError, ProgrammingError, StoreStopped)
 
 
 @dataclass
@@ -58,7 +62,9 @@ class RatingStore:
         if tries >= len(STORE_RETRY_DELAYS):
             return deferred
 
-        def retry(failure: Failure) -> defer.Deferred[Any]:
+        def retry(failure: Failure) -> defer.Deferred[Any] | Failure:
+            if failure.check(*NOT_RETRIED):
+                return failure
             log.warning("event=agi.store_retry write=%s try=%d error=%s", name, tries + 1, failure.type.__name__)
             return task.deferLater(self.clock, STORE_RETRY_DELAYS[tries], self._attempt, name, kwargs, tries + 1)
 
