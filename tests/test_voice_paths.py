@@ -7,6 +7,9 @@ would hear them.
 
 from __future__ import annotations
 
+import io
+import os
+import signal
 import sys
 import wave
 from collections.abc import Iterator
@@ -21,6 +24,8 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
+from gateway.ivr.call import RatingCall
+from gateway.ivr.classic import read_environment, run_call
 from gateway.ivr.dialogue import DialogueSettings
 from gateway.ivr.fastagi import FastAGIFactory, RatingStore
 from gateway.rating import Level
@@ -335,3 +340,26 @@ def test_classic_agi_script_reads_the_dialplans_query_argument(tmp_path: Path, c
     record = store.get_service_record("1795370500.2")
     assert record is not None
     assert (record["workOrder"], record["agentId"], record["linkedId"]) == ('WO,9 "a\\b"', "A 7", "1795370500.1")
+
+
+def test_classic_script_reads_an_environment_that_is_not_utf8(tmp_path: Path) -> None:
+    """A trunk's GBK caller name (张三) would make pyst2 raise; the call is played all the same."""
+    block = (
+        b"agi_request: gateway-agi\nagi_channel: PJSIP/trunk-00000001\nagi_uniqueid: 1795370500.9\n"
+        b"agi_callerid: 13900001111\nagi_calleridname: \xd5\xc5\xc8\xfd\nagi_arg_1: ?work_order=WO-9\n\n"
+    )
+    answers = b"200 result=0\n200 result=49 endpos=100\n200 result=1\n200 result=0 endpos=100\n"
+    stdin = io.BytesIO(block + answers)
+    previous = signal.getsignal(signal.SIGHUP)
+    try:
+        with open(os.devnull, "w") as quiet:
+            environment, hung_up = read_environment(stdin, quiet)  # type: ignore[arg-type]
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    assert environment == block and not hung_up()
+    store = classic_store(tmp_path)
+    stdout = io.BytesIO()
+    call = RatingCall(DialogueSettings(), check_script=False)
+    assert run_call(stdin, stdout, store, call, environment) == 0
+    assert stored(store, "1795370500.9") == [(Level.VERY_SATISFIED, "1")]
+    assert b'SET VARIABLE HCP_RATING "5"' in stdout.getvalue()

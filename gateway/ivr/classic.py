@@ -33,6 +33,28 @@ log = logging.getLogger("gateway.ivr.classic")
 DEFAULT_CONFIG = Path("/etc/hcp-gateway/gateway.toml")
 
 
+#: Longest environment line read at once (the wire parser refuses lines over 8 KiB anyway).
+MAX_ENVIRONMENT_LINE = 65536
+
+
+class _EnvironmentReader:
+    """The stdin pyst2 reads the environment from: keeps each line's bytes as they came.
+
+    pyst2 decodes the lines as strict UTF-8 and would raise on a trunk's GBK caller name (the
+    script would then exit 1 and the call stay unrecorded), so it is given each line as valid
+    UTF-8; the call itself reads the bytes that came, as the FastAGI server does.
+    """
+
+    def __init__(self, stdin: BinaryIO) -> None:
+        self.stdin = stdin
+        self.raw = bytearray()
+
+    def readline(self, size: int = -1) -> bytes:
+        line = self.stdin.readline(MAX_ENVIRONMENT_LINE)
+        self.raw += line
+        return line.decode("utf-8", "replace").encode("utf-8")
+
+
 def read_environment(stdin: BinaryIO, stderr: object) -> tuple[bytes, Callable[[], bool]]:
     """Let pyst2 read the environment block and install its SIGHUP handler.
 
@@ -40,9 +62,9 @@ def read_environment(stdin: BinaryIO, stderr: object) -> tuple[bytes, Callable[[
     """
     from asterisk.agi import AGI
 
-    session = AGI(stdin=stdin, stdout=sys.stdout, stderr=stderr)
-    lines = [f"{key}: {value}\n" for key, value in session.env.items()]
-    return ("".join(lines) + "\n").encode(), lambda: bool(session._got_sighup)
+    reader = _EnvironmentReader(stdin)
+    session = AGI(stdin=reader, stdout=sys.stdout, stderr=stderr)
+    return bytes(reader.raw), lambda: bool(session._got_sighup)
 
 
 def run_call(
