@@ -71,6 +71,11 @@ PATHS = [
     (10, "key then hang-up", "w5 d{key} w0.1 h"),
 ]
 MENU_KEY = re.compile(rb"^200 result=(\d+)")
+RATING_QUESTIONS = (
+    b"GET OPTION hcp/hcp-rating-menu",
+    b"STREAM FILE hcp/hcp-rating-invalid",
+    b"STREAM FILE hcp/hcp-rating-timeout",
+)
 
 #: Linux's SO_TIMESTAMPNS (asm-generic; the ``socket`` module does not name it): every read
 #: comes with the time its last bytes reached the socket, as a ``struct timespec`` on the
@@ -263,7 +268,8 @@ def analyse(
             asked_menu = False
             last_answer = time_
         elif direction == ">>":
-            asked_menu = data.startswith(b"GET OPTION hcp/hcp-rating-menu")
+            # The menu, or a hint before it, which a key interrupts to answer the menu.
+            asked_menu = data.startswith(RATING_QUESTIONS) and not data.endswith(b' ""\n')
             if last_answer is not None:
                 round_trip = (time_ - last_answer) * time_scale * 1000
                 verb = command_verb(data)

@@ -135,7 +135,7 @@ def test_hangup_during_prompt_records_the_call_not_rated(factory: FastAGIFactory
 def test_three_timeouts_end_politely_and_leave_the_call_for_an_sms(factory: FastAGIFactory, writer: FakeWriter) -> None:
     call = start(factory)
     for _ in range(2):
-        assert call.answer("200 result=0 endpos=115840") == ['STREAM FILE hcp/hcp-rating-timeout ""']
+        assert call.answer("200 result=0 endpos=115840") == ['STREAM FILE hcp/hcp-rating-timeout "0123456789*#"']
         assert call.answer("200 result=0 endpos=22720")[0].startswith("GET OPTION hcp/hcp-rating-menu")
     assert call.answer("200 result=0 endpos=115840") == ['STREAM FILE hcp/hcp-rating-goodbye ""']
     call.answer("200 result=0 endpos=22240")
@@ -182,7 +182,7 @@ def test_the_idle_timeout_counts_from_the_last_thing_the_peer_sent(
 ) -> None:
     call = start(factory)
     clock.advance(20)
-    assert call.answer("200 result=0 endpos=100") == ['STREAM FILE hcp/hcp-rating-timeout ""']
+    assert call.answer("200 result=0 endpos=100") == ['STREAM FILE hcp/hcp-rating-timeout "0123456789*#"']
     clock.advance(29)  # 49 s after the start, 29 s after the answer
     assert not call.transport.disconnecting
     clock.advance(2)

@@ -58,8 +58,8 @@ ENVIRONMENT = (
 
 ANSWER = "ANSWER"
 MENU = 'GET OPTION hcp/hcp-rating-menu "0123456789*#" 5000'
-INVALID_HINT = 'STREAM FILE hcp/hcp-rating-invalid ""'
-TIMEOUT_HINT = 'STREAM FILE hcp/hcp-rating-timeout ""'
+INVALID_HINT = 'STREAM FILE hcp/hcp-rating-invalid "0123456789*#"'
+TIMEOUT_HINT = 'STREAM FILE hcp/hcp-rating-timeout "0123456789*#"'
 THANKS = 'STREAM FILE hcp/hcp-rating-thanks ""'
 GOODBYE = 'STREAM FILE hcp/hcp-rating-goodbye ""'
 REASON_MENU = 'GET OPTION hcp/hcp-rating-reason-menu "1234#" 5000'
@@ -233,6 +233,27 @@ def test_invalid_then_valid():
     call.asterisk("200 result=1")
     call.asterisk(PLAYED_OUT)
     assert call.finish.outcome == Rated(Level.BASICALLY_SATISFIED, "3", 2)
+
+
+def test_a_key_pressed_during_the_hint_answers_the_menu():
+    """SPEC R2.2 barge-in on the hint too: the caller who knows the answer need not hear the menu again."""
+    call = Call()
+    rated_through_menu(call, "200 result=57 endpos=12000")
+    assert sends(call.last) == [INVALID_HINT]
+    call.asterisk("200 result=52 endpos=1200")  # 4 during the hint
+    assert call.stores == [StoreRating(Level.DISSATISFIED, "4", 2)]
+    assert MENU not in call.sent[call.sent.index(INVALID_HINT) :]
+
+
+def test_a_wrong_key_during_the_hints_counts_as_an_attempt():
+    call = Call()
+    call.asterisk("200 result=0")
+    assert sends(call.asterisk("200 result=57 endpos=100")) == [INVALID_HINT]  # attempt 1: 9
+    assert sends(call.asterisk("200 result=35 endpos=100")) == [INVALID_HINT]  # attempt 2: # during the hint
+    assert sends(call.asterisk("200 result=48 endpos=100")) == [GOODBYE]  # attempt 3: 0 during the hint
+    call.asterisk(PLAYED_OUT)
+    assert call.finish.outcome == NotRated(reason="invalid", attempts=3, detail="3 attempts, the last one invalid")
+    assert call.sent.count(MENU) == 1
 
 
 @pytest.mark.parametrize("line", ["200 result=48", "200 result=54", "200 result=42", "200 result=35"])

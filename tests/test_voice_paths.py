@@ -162,8 +162,16 @@ def test_key_after_prompt_during_the_wait(sqlite_store: Store) -> None:
 def test_invalid_then_valid(sqlite_store: Store) -> None:
     """SPEC R2.3 (fixtures d, d2): 9 interrupts, a hint, the menu again, then 3."""
     played = play(sqlite_store, "w1 d9 w6 d3")
-    assert 'STREAM FILE hcp/hcp-rating-invalid ""' in played.commands
+    assert 'STREAM FILE hcp/hcp-rating-invalid "0123456789*#"' in played.commands
     assert stored(sqlite_store) == [(Level.BASICALLY_SATISFIED, "3")]
+
+
+def test_a_key_during_the_hint_is_the_rating_on_the_simulated_channel(sqlite_store: Store) -> None:
+    """SPEC R2.2: 9, then 2 while the invalid-key hint plays: Asterisk stops it and returns the key."""
+    played = play(sqlite_store, "w1 d9 w1.2 d2")
+    hint_at = played.commands.index('STREAM FILE hcp/hcp-rating-invalid "0123456789*#"')
+    assert not any(c.startswith("GET OPTION") for c in played.commands[hint_at:])
+    assert stored(sqlite_store) == [(Level.SATISFIED, "2")]
 
 
 def test_three_timeouts_end_politely_not_rated(sqlite_store: Store) -> None:

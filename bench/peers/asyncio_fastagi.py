@@ -52,15 +52,22 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
             env[key] = value
         params = dict(parse_qsl(env.get("agi_network_script", "").partition("?")[2]))
         call_id = params.get("call_id") or env.get("agi_uniqueid", "")
-        for _ in range(3):
-            code = int(await command(MENU))
-            key = chr(code) if code else ""
+        # The gateway's dialogue: a key pressed during a hint answers the next attempt.
+        pressed = ""
+        for attempt in range(1, 4):
+            if not pressed:
+                code = int(await command(MENU))
+                pressed = chr(code) if code else ""
+            key, pressed = pressed, ""
             if key in KEYS:
                 ratings[call_id] = key
                 await command(b'SET VARIABLE HCP_RATING "' + key.encode() + b'"\n')
                 await command(b'STREAM FILE hcp/hcp-rating-thanks ""\n')
                 return
-            await command(b'STREAM FILE hcp/hcp-rating-%s ""\n' % (b"invalid" if key else b"timeout"))
+            if attempt == 3:
+                break
+            code = int(await command(b'STREAM FILE hcp/hcp-rating-%s "0123456789*#"\n' % (b"invalid" if key else b"timeout")))
+            pressed = chr(code) if code else ""
         await command(b'STREAM FILE hcp/hcp-rating-goodbye ""\n')
     except (Hangup, ValueError, OSError):
         return

@@ -48,15 +48,21 @@ class Handler(socketserver.StreamRequestHandler):
                 script = agi.env.get("agi_network_script", "")
                 params = dict(parse_qsl(script.partition("?")[2]))
                 call_id = params.get("call_id") or agi.env.get("agi_uniqueid", "")
-                for _ in range(3):
-                    key = agi.get_option("hcp/hcp-rating-menu", "0123456789*#", 5000)
+                # The gateway's dialogue: a key pressed during a hint answers the next attempt.
+                pressed = ""
+                for attempt in range(1, 4):
+                    key = pressed or agi.get_option("hcp/hcp-rating-menu", "0123456789*#", 5000)
+                    pressed = ""
                     if key in KEYS:
                         with lock:
                             ratings[call_id] = key
                         agi.set_variable("HCP_RATING", key)
                         agi.stream_file("hcp/hcp-rating-thanks")
                         return
-                    agi.stream_file("hcp/hcp-rating-invalid" if key else "hcp/hcp-rating-timeout")
+                    if attempt == 3:
+                        break
+                    hint = "hcp/hcp-rating-invalid" if key else "hcp/hcp-rating-timeout"
+                    pressed = agi.stream_file(hint, "0123456789*#")
                 agi.stream_file("hcp/hcp-rating-goodbye")
         except (AGIException, ValueError, OSError):
             return  # hang-up, or pyst2 reading a HANGUP line as a result

@@ -469,7 +469,12 @@ class Dialogue:
         return self._end() if self._caller_gone else self._menu()
 
     def _hint_played(self, response: Response) -> list[Action]:
-        return self._end() if self._caller_gone else self._menu()
+        if self._caller_gone:
+            return self._end()
+        if self._key_in(response) is not None:  # barge-in on the hint (R2.2): the next attempt's key
+            self._attempts += 1
+            return self._menu_answered(response)
+        return self._menu()
 
     def _last_prompt_played(self, response: Response) -> list[Action]:
         return self._end()
@@ -500,7 +505,7 @@ class Dialogue:
             self._detail = f"{self._attempts} attempts, the last one {self._last_failure}"
             return self._play(DialogueState.GOODBYE, PROMPT_GOODBYE)
         hint = PROMPT_TIMEOUT if key is None else PROMPT_INVALID
-        return self._play(DialogueState.HINT, hint)
+        return self._play(DialogueState.HINT, hint, escape_digits=ALL_KEYS)
 
     def _stored(self, event: RatingStored | StoreFailed) -> list[Action]:
         """The store answered: hand the level to the dialplan, then go on (or end politely).
