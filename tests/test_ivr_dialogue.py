@@ -740,6 +740,13 @@ behaviours = st.one_of(
 )
 
 
+RATING_QUESTIONS = (
+    "GET OPTION hcp/hcp-rating-menu",
+    "STREAM FILE hcp/hcp-rating-invalid",
+    "STREAM FILE hcp/hcp-rating-timeout",
+)
+
+
 class FakeAsterisk:
     """Answers each command as the real one does (fixtures a–r), following a caller script."""
 
@@ -786,8 +793,10 @@ class FakeAsterisk:
         escape = command.split('"')[1] if '"' in command else ""
         if command.startswith("GET OPTION hcp/hcp-rating-menu"):
             self.menu_answers += 1
-            if key in escape and self.first_menu_key is None and key in "12345":
-                self.first_menu_key = key
+        # The menu's question: the menu itself, or a hint before it, which a key interrupts (R2.2).
+        asks_for_rating = command.startswith(RATING_QUESTIONS)
+        if asks_for_rating and key in escape and self.first_menu_key is None and key in "12345":
+            self.first_menu_key = key
         if key not in escape:  # swallowed (fixture d2)
             return "200 result=0 endpos=3404"
         if command.startswith("RECORD FILE"):

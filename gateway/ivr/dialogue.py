@@ -469,12 +469,10 @@ class Dialogue:
         return self._end() if self._caller_gone else self._menu()
 
     def _hint_played(self, response: Response) -> list[Action]:
-        if self._caller_gone:
-            return self._end()
-        if self._key_in(response) is not None:  # barge-in on the hint (R2.2): the next attempt's key
-            self._attempts += 1
+        if self._key_in(response) is not None:  # barge-in on the hint (R2.2): the next attempt's key,
+            self._attempts += 1  # kept even if the caller hung up right after (R2.4)
             return self._menu_answered(response)
-        return self._menu()
+        return self._end() if self._caller_gone else self._menu()
 
     def _last_prompt_played(self, response: Response) -> list[Action]:
         return self._end()
