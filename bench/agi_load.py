@@ -21,7 +21,8 @@ the server on CPU 0 and the generator on CPU 1 (``sched_setaffinity``), so that 
 the other's core; ``unpinned`` lets the kernel place both. ``--servers asyncio`` adds a bare
 asyncio handler: the floor that the generator and the machine leave to any server.
 
-Checked: every key the simulated Asterisk delivered to a GET OPTION is the rating stored (the
+Checked: every key the simulated Asterisk delivered to the rating menu (its GET OPTION, or the
+invalid-key or timeout hint before it, which a key interrupts) is the rating stored (the
 gateway: read back from its SQLite store; the peers: the dict they dump on SIGTERM), and
 nothing else was stored.
 """
