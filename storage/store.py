@@ -556,18 +556,25 @@ class Store:
         """
         sql = self._driver_sql(connection)
         now = utcnow()
+        retried = [item["record_id"] for item in items if item.get("retried") and item.get("record_id")]
+        earlier = self._ratings_stored(connection, retried) if retried else {}
         known, created, rated, _ = self._call_records(connection, [item["hand_off"] for item in items], now)
         # Only records that existed before may have a not-rated mark already.
         existing = sorted({known[item["hand_off"].get("call_id") or ""] for item in items} - created)
         rating_rows: list[tuple[Any, ...]] = []
         results: list[tuple[str, bool]] = []
         for item in items:
+            if item.get("record_id") in earlier:  # a retry whose first try was committed after all
+                results.append((item["record_id"], earlier[item["record_id"]]))
+                continue
             pk = known[item["hand_off"].get("call_id") or ""]
             counted = pk not in rated
             rated.add(pk)
-            record_id = ids.new_id("ev")
+            record_id = item.get("record_id") or ids.new_id("ev")
             rating_rows.append((record_id, pk, int(item["level"]), item["key"], not counted, item["rated_at"]))
             results.append((record_id, counted))
+        if not rating_rows:
+            return results
         inserted = sql.insert(
             connection,
             ratings,
@@ -586,7 +593,7 @@ class Store:
         outbox_rows = [
             (record_id, rating_pks[record_id], item.get("push_after") or now)
             for item, (record_id, counted) in zip(items, results, strict=True)
-            if counted
+            if counted and record_id in rating_pks
         ]
         if outbox_rows:
             sql.insert(
@@ -620,6 +627,8 @@ class Store:
         key: str,
         rated_at: datetime,
         push_after: datetime | None = None,
+        record_id: str | None = None,
+        retried: bool = False,
     ) -> tuple[str, bool]:
         """Store a hotline caller's key as a rating (SPEC R2.2, R2.4): (record id, counted).
 
@@ -627,7 +636,13 @@ class Store:
         work_order, queue, matter_code, caller. Record, rating and outbox row together.
         ``push_after`` holds the push back while the caller may still give the reasons of a bad
         rating (SPEC R2.5); :meth:`tx_release_push` lets it go when the call ends.
+        ``record_id``, chosen by the caller, makes a ``retried`` write idempotent: if the first
+        try was committed after all (a connection lost during COMMIT), its rating is the answer.
         """
+        if retried and record_id:
+            earlier = self._ratings_stored(connection, [record_id])
+            if record_id in earlier:
+                return record_id, earlier[record_id]
         call_id = hand_off.get("call_id") or ""
         pk = self.find_or_create_call_record(
             connection, call_id=call_id, linked_id=hand_off.get("linked_id"), fields=self._call_fields(hand_off)
@@ -640,9 +655,21 @@ class Store:
             raw_input=key,
             rated_at=rated_at,
             push_after=push_after,
+            record_id=record_id,
         )
         connection.execute(update(service_records).where(service_records.c.id == pk).values(unrated_reason=None))
         return record_id, counted
+
+    def _ratings_stored(self, connection: Connection, record_ids: list[str]) -> dict[str, bool]:
+        """record id → counted, of the ratings among ``record_ids`` that are stored already."""
+        found: dict[str, bool] = {}
+        for start in range(0, len(record_ids), 500):
+            chunk = record_ids[start : start + 500]
+            for record_id, is_attempt in connection.execute(
+                select(ratings.c.record_id, ratings.c.is_attempt).where(ratings.c.record_id.in_(chunk))
+            ):
+                found[record_id] = not is_attempt
+        return found
 
     def tx_release_push(self, connection: Connection, *, record_id: str) -> None:
         """The rating is complete (its details stored): push it now (SPEC R2.5, R7.1)."""
@@ -701,13 +728,14 @@ class Store:
         reasons: str | None = None,
         is_default: bool = False,
         push_after: datetime | None = None,
+        record_id: str | None = None,
     ) -> tuple[int, str, bool]:
         """Insert a rating; the first counts, later ones are kept as attempts (SPEC R1.4).
 
         Every counted rating goes to the outbox in the same transaction (SPEC R7.1), so a
         stored rating is a rating that will be pushed. Returns (row id, record id, counted).
         """
-        record_id = ids.new_id("ev")
+        record_id = record_id or ids.new_id("ev")
         values = {
             "record_id": record_id,
             "service_record_id": service_record_id,

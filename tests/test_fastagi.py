@@ -152,6 +152,9 @@ def test_a_failed_store_write_is_retried_before_giving_up(
     clock.advance(STORE_RETRY_DELAYS[0])
     clock.advance(STORE_RETRY_DELAYS[1])
     assert writer.names() == ["call_rating"] * 3
+    # Every try carries the same record id; the retries ask the store to look for the first try.
+    assert len({kwargs["record_id"] for _, kwargs, _ in writer.writes}) == 1
+    assert [kwargs.get("retried", False) for _, kwargs, _ in writer.writes] == [False, True, True]
     writer.writes[-1][2].callback(("ev-3", True))
     assert call.sent() == ['SET VARIABLE HCP_RATING "5"']
 

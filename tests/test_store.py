@@ -288,6 +288,26 @@ def test_calls_of_one_batch_sharing_a_known_linked_id_all_join_its_record(store:
         assert connection.execute(select(func.count()).select_from(outbox)).scalar() == 1
 
 
+@pytest.mark.parametrize("bulk", [True, False])
+def test_a_retried_call_rating_whose_first_try_was_committed_is_not_stored_twice(store: Store, bulk: bool) -> None:
+    """A connection lost during COMMIT: the first try may be in. The retry finds it (SPEC R1.4, R7.1)."""
+    hand_off = {"call_id": "c-retry", "linked_id": None, "agent_id": "A1", "caller": "13800138000"}
+    rating = {"hand_off": hand_off, "level": Level.DISSATISFIED, "key": "4", "rated_at": NOW, "record_id": "ev-FIRST"}
+    assert store.write_together([("call_rating", rating)]) == [("ev-FIRST", True)]
+    again = [("call_rating", {**rating, "retried": True})]
+    if bulk:
+        again.append(("call_rating", {**rating, "hand_off": {**hand_off, "call_id": "c-other"}, "record_id": None}))
+        assert store.write_together(again)[0] == ("ev-FIRST", True)
+    else:
+        with store.engine.begin() as connection:
+            assert store.tx_call_rating(connection, **again[0][1]) == ("ev-FIRST", True)  # type: ignore[arg-type]
+    assert [(r.record_id, r.is_attempt) for r in store.find_ratings(call_id="c-retry")] == [("ev-FIRST", False)]
+    with store.engine.connect() as connection:
+        assert list(connection.execute(select(outbox.c.record_id).where(outbox.c.record_id == "ev-FIRST"))) == [
+            ("ev-FIRST",)
+        ]
+
+
 def test_group_commit_stores_exactly_what_the_one_by_one_path_stores(store: Store) -> None:
     """The bulk path writes with the driver's own SQL; every stored value is the one Core stores."""
     rated_at = datetime(2026, 11, 23, 10, 0, 0, 123456, tzinfo=timezone(timedelta(hours=8)))

@@ -24,6 +24,7 @@ from gateway.config import Config
 from gateway.ivr.call import Close, RatingCall, Write, describe
 from gateway.ivr.dialogue import DialogueSettings, NotRated, StoreDetail, StoreRating
 from gateway.ivr.settings import DETAIL_HOLD, details_may_follow, dialogue_settings
+from storage import ids
 from storage.deferred import DeferredStore, GroupWriter, StoreStopped
 
 log = logging.getLogger("gateway.ivr.fastagi")
@@ -33,6 +34,9 @@ STORE_RETRY_DELAYS = (0.2, 1.0, 3.0)
 #: Failures that would only repeat (a value the database refuses, a store stopped): no retry,
 #: so the caller is not kept waiting seconds for the same answer.
 NOT_RETRIED = (DataError, ProgrammingError, StoreStopped)
+#: Writes that add a row: a retry first looks for the row its earlier try may have committed
+#: (a connection lost during COMMIT); the other writes set values and may simply run again.
+LOOKS_FOR_ITS_FIRST_TRY = frozenset({"call_rating"})
 
 
 @dataclass
@@ -58,6 +62,8 @@ class RatingStore:
         return self._attempt(name, kwargs, 0)
 
     def _attempt(self, name: str, kwargs: dict[str, Any], tries: int) -> defer.Deferred[Any]:
+        if tries and name in LOOKS_FOR_ITS_FIRST_TRY:
+            kwargs = {**kwargs, "retried": True}
         deferred = self.writer.write(name, **kwargs)
         if tries >= len(STORE_RETRY_DELAYS):
             return deferred
@@ -129,6 +135,7 @@ class FastAGIProtocol(protocol.Protocol):
         self.push_held = details_may_follow(self.factory.settings, action.level)
         deferred = self.factory.store.write(
             "call_rating",
+            record_id=ids.new_id("ev"),  # chosen here, so that a retry finds its first try (R1.4)
             hand_off=self.call.hand_off,
             level=action.level,
             key=action.key,
