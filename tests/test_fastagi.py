@@ -270,8 +270,27 @@ def test_a_bad_rating_with_a_reason_menu_is_pushed_only_when_the_call_ends(clock
     assert call.sent() == ['SET VARIABLE HCP_RATING "1"']
     assert call.answer("200 result=1") == ['GET OPTION hcp/hcp-rating-reason-menu "1234#" 5000']
     call.answer("200 result=50 endpos=100", "200 result=0 endpos=100")
+    assert writer.names() == ["call_rating", "rating_detail"]  # the push waits for the details
+    assert writer.writes[1][1]["reasons"] == "efficiency"
+    writer.writes[1][2].callback(None)
     assert writer.names() == ["call_rating", "rating_detail", "release_push"]
-    assert writer.writes[1][1]["reasons"] == "efficiency" and writer.writes[2][1] == {"record_id": "ev-9"}
+    assert writer.writes[2][1] == {"record_id": "ev-9"}
+
+
+def test_the_push_is_released_only_once_a_retried_detail_is_in(clock: Clock, writer: FakeWriter) -> None:
+    """SPEC R2.5: a detail write that failed once is retried; the push is let go after it, not before."""
+    factory = FastAGIFactory(DialogueSettings(reason_menu=True), RatingStore(writer, clock), clock, idle_timeout=30)  # type: ignore[arg-type]
+    call = start(factory)
+    call.answer("200 result=53 endpos=100")
+    writer.writes[0][2].callback(("ev-9", True))
+    call.answer("200 result=1")
+    writer.fail_next = 1  # the detail's first try fails (a locked database)
+    call.answer("200 result=50 endpos=100", "200 result=0 endpos=100")
+    assert writer.names() == ["call_rating", "rating_detail"]
+    clock.advance(STORE_RETRY_DELAYS[0])
+    assert writer.names() == ["call_rating", "rating_detail", "rating_detail"]
+    writer.writes[2][2].callback(None)
+    assert writer.names()[-1] == "release_push"
 
 
 def test_a_good_rating_is_pushed_at_once(factory: FastAGIFactory, writer: FakeWriter) -> None:

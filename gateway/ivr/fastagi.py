@@ -85,6 +85,7 @@ class FastAGIProtocol(protocol.Protocol):
         self.call = RatingCall(factory.settings, max_line_length=factory.max_line_length)
         self.record_id: str | None = None
         self.push_held = False
+        self._detail_writes: list[defer.Deferred[Any]] = []
         self.started = 0.0
         self._idle: IDelayedCall | None = None
         self._heard = 0.0  # when the peer last sent something (clock seconds)
@@ -163,7 +164,9 @@ class FastAGIProtocol(protocol.Protocol):
         deferred = self.factory.store.write(
             "rating_detail", record_id=self.record_id, reasons=reasons, comment_ref=action.comment_ref
         )
-        self._track(deferred.addErrback(self._log_failure, "rating_detail"))
+        deferred.addErrback(self._log_failure, "rating_detail")
+        self._detail_writes.append(deferred)
+        self._track(deferred)
 
     def _finish(self, close: Close) -> None:
         self._cancel_idle()
@@ -179,7 +182,10 @@ class FastAGIProtocol(protocol.Protocol):
                 self._track(deferred.addErrback(self._log_failure, "unrated_call"))
         elif outcome is not None:
             if self.push_held and self.record_id:
-                deferred = self.factory.store.write("release_push", record_id=self.record_id)
+                # After the details are in (retries included): the push must carry them (R2.5).
+                record_id = self.record_id
+                details = defer.DeferredList(self._detail_writes, consumeErrors=True)
+                deferred = details.addCallback(lambda _: self.factory.store.write("release_push", record_id=record_id))
                 self._track(deferred.addErrback(self._log_failure, "release_push"))
             stats.rated += 1
         log.info(
