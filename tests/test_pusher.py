@@ -15,8 +15,10 @@ import base64
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections import deque
@@ -230,6 +232,38 @@ def test_a_refused_batch_is_halved_until_the_record_at_fault_stands_alone(sqlite
     assert len(platform.batches) <= 1 + 2 * 4  # 16 → 8 → 4 → 2 → 1
 
 
+def test_a_proxy_refusing_everything_with_400_sets_nothing_aside(sqlite_store: Store) -> None:
+    """SPEC R7.2: nginx's HTML 400 (a plain-HTTP URL for an HTTPS port) is not a bad record: keep retrying."""
+    ids = add_call_ratings(sqlite_store, 8)
+    platform = ScriptedPlatform()
+    html = HttpAnswer(400, b"<html><center><h1>400 Bad Request</h1></center></html>")
+    platform.script.extend([html] * 15)  # 8 → 4 → 2 → 1, every request refused
+    clock = Clock()
+    pusher = make_pusher(sqlite_store, platform, clock)
+    pusher.startService()
+    assert set(statuses(sqlite_store).values()) == {"pending"}
+    assert pusher.stats.rejected == 0 and pusher.stats.consecutive_failures == 1
+    clock.advance(5)  # the proxy is fixed: everything goes
+    assert set(statuses(sqlite_store).values()) == {"pushed"} and set(platform.sent) >= set(ids)
+    pusher.stopService()
+
+
+def test_a_bad_record_alone_in_the_outbox_is_set_aside_once_another_record_goes_through(
+    sqlite_store: Store,
+) -> None:
+    [bad] = add_call_ratings(sqlite_store, 1)
+    platform = ScriptedPlatform()
+    platform.refuse_batches_with = bad
+    clock = Clock()
+    pusher = make_pusher(sqlite_store, platform, clock)
+    pusher.startService()
+    assert statuses(sqlite_store)[bad] == "pending"  # refused alone, nothing taken: not judged yet
+    good = add_matter_rating(sqlite_store, "M-GOOD")
+    clock.advance(5)
+    assert statuses(sqlite_store) == {bad: "rejected", good: "pushed"}
+    pusher.stopService()
+
+
 def test_no_body_is_larger_than_the_limit(sqlite_store: Store) -> None:
     """PLATFORM.md: ≤ 1 MiB per body (a small limit here, so that a few records fill it)."""
     ids = [add_matter_rating(sqlite_store, f"M-{n}", matter_code="X", matter_name="办" * 150) for n in range(20)]
@@ -318,6 +352,47 @@ class Running:
     async def stop(self) -> None:
         await self.pusher.stopService()
         await self.store.stopService()
+
+
+def test_an_answer_ended_by_closing_the_connection_is_a_whole_answer() -> None:
+    """HTTP/1.1 lets a server end a body without a length by closing: that 200 acknowledges the batch."""
+    answer = b'{"code": 0, "accepted": ["ev-1"], "duplicates": [], "rejected": []}'
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listener.settimeout(10)
+
+    def serve() -> None:
+        connection, _ = listener.accept()
+        with connection:
+            connection.settimeout(10)
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += connection.recv(65536)
+            head, _, body = request.partition(b"\r\n\r\n")
+            length = int(
+                next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")).split(b":")[1]
+            )
+            while len(body) < length:
+                body += connection.recv(65536)
+            connection.sendall(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n" + answer
+            )
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+    async def post(reactor: Any) -> HttpAnswer:
+        client = PlatformClient(reactor, url, "gw-test", "secret", 5.0)
+        return await client.post_batch(b'{"appId": "gw-test", "batchId": "b-1", "records": []}')
+
+    try:
+        result = run_on_reactor(post)
+    finally:
+        server.join(10)
+        listener.close()
+    assert (result.status, result.body) == (200, answer)
 
 
 def assert_pushed_only_on_acknowledgement(store: Store, server: PlatformServer) -> None:

@@ -33,6 +33,7 @@ from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IDelayedCall, IReactorFromThreads, IReactorTime
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IResponse
 from zope.interface import implementer
@@ -117,7 +118,9 @@ class _BodyCollector(protocol.Protocol):
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         if self.finished.called:
             return
-        if reason.check(ResponseDone):
+        # PotentialDataLoss: a body without a length, ended by closing the connection (legal
+        # HTTP/1.1). It is the whole answer; refusing it would push the same records forever.
+        if reason.check(ResponseDone, PotentialDataLoss):
             self.finished.callback(b"".join(self.parts))
         else:
             self.finished.errback(reason)
@@ -454,11 +457,22 @@ class Pusher(service.Service):
         return parts
 
     async def _push(self, prepared: Prepared) -> None:
+        """Send the claimed records; a refused batch is halved until the record at fault is alone.
+
+        A record refused alone is set aside only once the platform has taken another batch
+        in the same round: a proxy or a wrong URL that answers 400 to everything (an HTML
+        page) would otherwise set every record aside, and nothing would ever push them (R7.2).
+        Until then it is a suspect, decided when the round ends; if nothing was taken, the
+        suspects stay pending and the pusher backs off, as for any failure.
+        """
         claimed_at = self.clock.seconds()
         queue: deque[Prepared] = deque(self._parts(prepared))
+        suspects: list[tuple[str, Prepared, str]] = []  # (batch id, the record alone, the refusal)
+        taken = False  # the platform acknowledged a batch in this round
         while queue:
             if not self.running:
-                await self._release([p for part in queue for p in part], "the gateway is stopping", attempt=False)
+                unsent = [p for _, part, _ in suspects for p in part] + [p for part in queue for p in part]
+                await self._release(unsent, "the gateway is stopping", attempt=False)
                 return
             if self.clock.seconds() - claimed_at > self.lease / 3:
                 queue = await self._renew(queue)
@@ -468,16 +482,26 @@ class Pusher(service.Service):
             part = queue.popleft()
             batch_id, verdict = await self._post(part)
             if isinstance(verdict, Acknowledged):
+                taken = True
                 await self._settle(batch_id, verdict)
             elif isinstance(verdict, Split):
                 first, second = halves(part)
                 queue.extendleft((second, first))
                 log.warning("event=platform.split records=%d reason=refused_batch", len(part))
             elif isinstance(verdict, RejectAlone):
-                await self._settle(batch_id, Acknowledged([], {part[0][0]: verdict.reason}, []))
+                suspects.append((batch_id, part, verdict.reason))
             else:
-                await self._retry_later(verdict, [p for p in part] + [p for rest in queue for p in rest])
+                unsent = [p for _, part, _ in suspects for p in part] + part + [p for rest in queue for p in rest]
+                await self._retry_later(verdict, unsent)
                 return
+        if not suspects:
+            return
+        if taken:
+            for batch_id, part, reason in suspects:
+                await self._settle(batch_id, Acknowledged([], {part[0][0]: reason}, []))
+            return
+        reason = f"every record was refused, one by one too: {suspects[0][2]}"
+        await self._retry_later(RetryLater(reason, misconfigured=True), [p for _, part, _ in suspects for p in part])
 
     async def _post(self, part: Prepared) -> tuple[str, Verdict]:
         batch_id = str(uuid.uuid4())
