@@ -10,7 +10,8 @@ Answers (``PLATFORM.md`` Responses):
 200 ``{"code": 0, …}``          accepted and duplicates are done; rejected are set aside with
                                 the reason; records the answer does not mention stay pending
 400, 413                        the batch is refused: split it in halves to isolate the record
-                                at fault; a single record refused this way is set aside
+                                at fault; a single record refused this way is set aside once
+                                another batch of the round went through (the pusher decides)
 401                             signature, timestamp or nonce refused: retry with a fresh
                                 nonce and timestamp, and say so loudly (a wrong secret?)
 429, 503 (Retry-After)          slow down: wait at least Retry-After, then retry
