@@ -128,8 +128,8 @@ def import_csv(
             if isinstance(parsed, list):
                 report.counts["rejected"] += 1
                 raw_id = row.get("id", "").strip() or None
-                if raw_id and (len(raw_id) > 64 or any("\udc80" <= c <= "\udcff" for c in raw_id)):
-                    raw_id = None  # not printable as given
+                if raw_id and any(error.field == "id" for error in parsed):
+                    raw_id = None  # not a valid id: maybe a phone or a name of a shifted column (SPEC R5.1)
                 report.problems.append(RowProblem(line, raw_id, "; ".join(str(e) for e in parsed)))
                 if progress:
                     progress(1)

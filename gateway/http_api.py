@@ -256,6 +256,8 @@ class GatewayApi(Resource):
             raise ApiError(
                 400, f"the body is not valid JSON: {error.msg} at line {error.lineno} column {error.colno}"
             ) from None
+        except RecursionError:
+            raise ApiError(400, "the body nests arrays or objects too deeply") from None
 
     def access_line(self, timestamp: str, request: Request) -> str:
         """Twisted's access log line: the route's pattern, never the path or query (SPEC R5.1).

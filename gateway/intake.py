@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from gateway.privacy import InvalidPhoneNumber, normalise_phone
@@ -107,6 +107,10 @@ def parse_timestamp(text: str) -> datetime:
         raise ValueError(f"{text!r} is not an ISO 8601 time such as 2026-11-22T10:15:03+08:00") from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=SHANGHAI)
+    try:
+        moment.astimezone(UTC)  # stored as UTC: year 1 in Beijing ("no date" in .NET) is not
+    except OverflowError:
+        raise ValueError(f"{text!r} is not a time the store can hold") from None
     return moment
 
 
@@ -133,7 +137,7 @@ def parse_service_record(
         text = raw.strip()
         if not text:
             continue
-        if "\ufffd" in text or any("\udc80" <= ch <= "\udcff" for ch in text):
+        if "\ufffd" in text or any("\ud800" <= ch <= "\udfff" for ch in text):  # GBK bytes, or \ud800 in JSON
             errors.append(FieldError(name, "is not valid UTF-8 text (is the file GBK-encoded?)"))
             continue
         if any(ord(ch) < 32 for ch in text):
@@ -160,7 +164,8 @@ def parse_service_record(
         try:
             values["kind"] = ServiceKind(kind.lower())
         except ValueError:
-            errors.append(FieldError("kind", f"{kind!r} is neither call nor matter"))
+            # Not the value itself: a shifted CSV column puts a phone or a name here (SPEC R5.1).
+            errors.append(FieldError("kind", "is neither call nor matter"))
     if "completed_at" in values:
         try:
             completed = parse_timestamp(values["completed_at"])

@@ -47,6 +47,27 @@ def test_good_rows_are_stored_and_bad_rows_reported_with_line_id_and_reason(tmp_
     assert store.get_service_record("C-1") is not None
 
 
+def test_a_shifted_row_is_reported_without_the_phone_it_carries_and_bad_dates_stop_nothing(
+    tmp_path: Path, store: Store
+) -> None:
+    """SPEC R5.1: `gateway import` prints problems on the console; a phone in the id or kind column
+    is not repeated there. A .NET "no date" (year 1) is a field error, not an aborted batch."""
+    path = write(
+        tmp_path,
+        HEADER
+        + "138 1234 5679,matter,,,,,,,,,,,\n"
+        + "M-7,13912345678,,,,,,,,,,,\n"
+        + "M-8,matter,0001-01-01T00:00:00,,,,,,,,,,\n"
+        + "M-9,matter,2026-11-22 10:00:00,,,,,,,,,,\n",
+    )
+    report = import_csv(path, store, now=NOW)
+    assert report.counts == {"created": 1, "updated": 0, "unchanged": 0, "rejected": 3}
+    printed = "\n".join(str(p) for p in report.problems)
+    assert "1234" not in printed and "13912345678" not in printed
+    assert "line 4, id M-8: completed_at" in printed
+    assert store.get_service_record("M-9") is not None
+
+
 def test_importing_the_same_file_twice_changes_nothing(tmp_path: Path, store: Store) -> None:
     path = write(tmp_path, HEADER + "M-1,matter,,,,X1,,,,,,,\nM-2,matter,,,,,,,,,,,\n")
     assert import_csv(path, store, now=NOW).counts["created"] == 2

@@ -167,6 +167,7 @@ def test_batch_reports_each_bad_record_and_keeps_the_good_ones(gateway: RunningG
         (b'{"records": []}', "application/json", 422, "records is empty"),
         (b"id=1", "application/x-www-form-urlencoded", 415, "application/json"),
         (b"x" * (1024 * 1024 + 1), "application/json", 413, "larger than"),
+        (b"[" * 200_000 + b"]" * 200_000, "application/json", 400, "too deeply"),
     ],
 )
 def test_malformed_bodies_get_clear_errors(

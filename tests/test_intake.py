@@ -57,6 +57,8 @@ def test_valid_records(data: dict[str, str], expected: dict[str, object]) -> Non
         ({"id": "M-1", "kind": "matter", "applicant_type": "7"}, "applicant_type", "userProp"),
         ({"id": "M-1", "kind": "matter", "matter_name": "a\x00b"}, "matter_name", "control"),
         ({"id": "M-1", "kind": "matter", "matter_name": "\udcb2\udcbb"}, "matter_name", "UTF-8"),
+        ({"id": "M-1", "kind": "matter", "email": "a\ud800@x.cn"}, "email", "UTF-8"),  # a lone surrogate in JSON
+        ({"id": "M-1", "kind": "matter", "completed_at": "0001-01-01T00:00:00"}, "completed_at", "ISO 8601"),
         ({"id": "M-1", "kind": "matter", "colour": "red"}, "colour", "not a known field"),
         ({"id": 17, "kind": "matter"}, "id", "must be a string"),
         ({"id": "M-1", "kind": ["matter"]}, "kind", "must be a string"),
@@ -74,3 +76,10 @@ def test_csv_mode_tolerates_extra_columns() -> None:
     assert isinstance(
         parse_service_record({"id": "M", "kind": "matter", "x": "1"}, now=NOW, strict_types=False), ServiceRecordInput
     )
+
+
+def test_a_shifted_column_does_not_echo_personal_data_in_the_error() -> None:
+    """SPEC R5.1: a phone number in the kind column is named as wrong, not repeated."""
+    result = parse_service_record({"id": "M-1", "kind": "13912345678"}, now=NOW)
+    assert isinstance(result, list)
+    assert all("13912345678" not in str(error) for error in result)
