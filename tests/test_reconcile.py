@@ -60,6 +60,11 @@ def test_the_platform_holding_more_or_less_than_was_pushed_is_a_difference() -> 
         ([], "has no counts"),
         ({"date": "2026-11-21", "counts": {}}, "not 2026-11-22"),
         ({"counts": {"6": 3}}, "channel 6 are not an object"),
+        ({"counts": {"7": {"4": None}}}, "not whole numbers"),
+        ({"counts": {"7": {"4": "12"}}}, "not whole numbers"),
+        ({"counts": {"7": {"4": True}}}, "not whole numbers"),
+        ({"counts": {"sms": {"4": 1}}}, "not keyed by pf and level codes"),
+        ({"counts": {"7": {"good": 1}}}, "not keyed by pf and level codes"),
     ],
 )
 def test_a_malformed_platform_answer_is_said_in_words(answer: Any, problem: str) -> None:

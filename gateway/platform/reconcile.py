@@ -138,7 +138,11 @@ def parse_platform_counts(answer: Any, day: date) -> dict[str, dict[str, int]]:
     for pf, levels in answer["counts"].items():
         if not isinstance(levels, dict):
             raise PlatformUnavailable(f"the platform's counts for channel {pf} are not an object")
-        counts[str(pf)] = {str(level): int(n) for level, n in levels.items()}
+        if not str(pf).isdigit() or not all(str(level).isdigit() for level in levels):
+            raise PlatformUnavailable(f"the platform's counts for channel {pf!r} are not keyed by pf and level codes")
+        if not all(type(n) is int and n >= 0 for n in levels.values()):
+            raise PlatformUnavailable(f"the platform's counts for channel {pf} are not whole numbers")
+        counts[str(pf)] = {str(level): n for level, n in levels.items()}
     return counts
 
 
