@@ -14,6 +14,7 @@ import ipaddress
 import os
 import re
 import tomllib
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import time
@@ -472,6 +473,34 @@ def _cross_checks(sections: dict[str, Any], origin: dict[tuple[str, str], str], 
             problems.append(
                 Problem(where("platform", "url"), "[platform] url", "must start with https:// (or http:// on loopback)")
             )
+        elif platform.url.startswith("http://") and not _is_loopback_url(platform.url):
+            problems.append(
+                Problem(
+                    where("platform", "url"),
+                    "[platform] url",
+                    "http:// is allowed only on loopback (PLATFORM.md Transport); use https://",
+                )
+            )
+        if not sections["privacy"].phone_hash_key:
+            problems.append(
+                Problem(
+                    where("privacy", "phone_hash_key"),
+                    "[privacy] phone_hash_key",
+                    "must be the platform's shared key when [platform] enabled = true: a key of our own makes "
+                    "every userPhoneHash one the platform cannot match (PLATFORM.md)",
+                )
+            )
+    if platform.timeout <= 0:
+        problems.append(Problem(where("platform", "timeout"), "[platform] timeout", "must be longer than 0 s"))
+    country = sections["privacy"].default_country_code
+    if not (country.isdigit() and 1 <= len(country) <= 3 and not country.startswith("0")):
+        problems.append(
+            Problem(
+                where("privacy", "default_country_code"),
+                "[privacy] default_country_code",
+                f'{country!r} is not a country calling code; write its digits only, e.g. "86"',
+            )
+        )
     smpp = sections["smpp"]
     if smpp.enabled and not smpp.system_id:
         problems.append(
@@ -513,3 +542,13 @@ def _cross_checks(sections: dict[str, Any], origin: dict[tuple[str, str], str], 
             except KeyMaterialError as error:
                 problems.append(Problem(where("privacy", key), f"[privacy] {key}", str(error)))
     return problems
+
+
+def _is_loopback_url(url: str) -> bool:
+    host = (urllib.parse.urlsplit(url).hostname or "").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -70,6 +70,44 @@ def test_every_problem_is_reported_with_source_key_and_reason(tmp_path: Path) ->
 
 
 @pytest.mark.parametrize(
+    ("written", "complaint"),
+    [
+        (
+            '[privacy]\ndefault_country_code = "+86"\n',
+            "[privacy] default_country_code: '+86' is not a country calling code",
+        ),
+        ('[privacy]\ndefault_country_code = "086"\n', "[privacy] default_country_code: '086' is not"),
+        ('[platform]\ntimeout = "0s"\n', "[platform] timeout: must be longer than 0 s"),
+        (
+            '[platform]\nenabled = true\nurl = "http://hcp.example.gov.cn/api"\napp_id = "gw"\nsecret = "s"\n',
+            "[platform] url: http:// is allowed only on loopback",
+        ),
+        (
+            '[platform]\nenabled = true\nurl = "https://hcp.example.gov.cn/api"\napp_id = "gw"\nsecret = "s"\n',
+            "[privacy] phone_hash_key: must be the platform's shared key",
+        ),
+    ],
+)
+def test_settings_that_would_corrupt_hashes_or_pushes_are_refused(tmp_path: Path, written: str, complaint: str) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text(written, encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, environ={})
+    assert complaint in str(caught.value)
+
+
+def test_a_loopback_platform_may_use_plain_http(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.toml"
+    key = "A" * 43 + "="
+    path.write_text(
+        f'[platform]\nenabled = true\nurl = "http://127.0.0.1:8443/api"\napp_id = "gw"\nsecret = "s"\n'
+        f'[privacy]\nphone_hash_key = "{key}"\n',
+        encoding="utf-8",
+    )
+    assert load_config(path, environ={}).platform.url == "http://127.0.0.1:8443/api"
+
+
+@pytest.mark.parametrize(
     ("written", "taken"),
     [
         ("127.0.0.1", "127.0.0.1"),

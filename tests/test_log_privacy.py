@@ -192,6 +192,7 @@ def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
         "GATEWAY_AGI_PORT": str(agi_port),
         "GATEWAY_LOG_LEVEL": "debug",
         "GATEWAY_PLATFORM_ENABLED": "true",
+        "GATEWAY_PRIVACY_PHONE_HASH_KEY": "c2hhcmVkLXBob25lLWhhc2gta2V5LWZvci10ZXN0cyE=",  # the shared key
         "GATEWAY_PLATFORM_URL": f"http://127.0.0.1:{platform_port}",
         "GATEWAY_PLATFORM_APP_ID": "gw-test",
         "GATEWAY_PLATFORM_SECRET": "priv-secret",

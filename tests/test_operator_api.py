@@ -295,6 +295,7 @@ def test_health_shows_platform_reachability_from_the_pusher(tmp_path: Path) -> N
     """Issue 5 §4: the pusher's last success and failure; an unreachable platform is degraded, not down."""
     environ = {
         "GATEWAY_PLATFORM_ENABLED": "true",
+        "GATEWAY_PRIVACY_PHONE_HASH_KEY": "c2hhcmVkLXBob25lLWhhc2gta2V5LWZvci10ZXN0cyE=",  # the shared key
         "GATEWAY_PLATFORM_URL": "http://127.0.0.1:9",  # discard port: nothing listens
         "GATEWAY_PLATFORM_APP_ID": "gw-test",
         "GATEWAY_PLATFORM_SECRET": "s",
@@ -324,6 +325,7 @@ def test_reconciliation_asks_the_platform_and_compares(tmp_path: Path) -> None:
     port = free_port()
     environ = {
         "GATEWAY_PLATFORM_ENABLED": "true",
+        "GATEWAY_PRIVACY_PHONE_HASH_KEY": "c2hhcmVkLXBob25lLWhhc2gta2V5LWZvci10ZXN0cyE=",  # the shared key
         "GATEWAY_PLATFORM_URL": f"http://127.0.0.1:{port}",
         "GATEWAY_PLATFORM_APP_ID": "gw-test",
         "GATEWAY_PLATFORM_SECRET": "test-secret",
