@@ -81,11 +81,18 @@ _FULL_WIDTH = str.maketrans("０１２３４５６７８９＋－（）　", "01
 
 
 def mask_phone(e164: str) -> str:
-    """``+8613812345678`` → ``138****5678``: what operators see (SPEC R5.1)."""
+    """``+8613812345678`` → ``138****5678``: what operators see (SPEC R5.1).
+
+    At least four digits are always hidden, and at most the first three and the last four
+    shown: a land line without its area code (``87654321``) reads ``****4321``, not
+    ``876*4321``.
+    """
     national = e164[3:] if e164.startswith("+86") else e164.lstrip("+")
     if len(national) <= 7:
         return national[:1] + "*" * (len(national) - 1)
-    return national[:3] + "*" * (len(national) - 7) + national[-4:]
+    hidden = max(4, len(national) - 7)
+    shown = len(national) - 4 - hidden
+    return national[:shown] + "*" * hidden + national[-4:]
 
 
 def mask_email(address: str) -> str:

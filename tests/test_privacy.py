@@ -39,8 +39,19 @@ def test_bad_phone_numbers_are_refused(raw: str) -> None:
         normalise_phone(raw)
 
 
-def test_mask_shows_only_prefix_and_last_four() -> None:
-    assert mask_phone("+8613812345678") == "138****5678"
+@pytest.mark.parametrize(
+    ("e164", "masked"),
+    [
+        ("+8613812345678", "138****5678"),  # a mobile: SPEC R5.1's example
+        ("+8687654321", "****4321"),  # a land line written without its area code
+        ("+862187654321", "21****4321"),  # 021-8765-4321
+        ("+8675512345678", "755****5678"),  # 0755-1234-5678
+        ("+447911123456", "447*****3456"),  # abroad: the country code shown, the middle hidden
+    ],
+)
+def test_mask_hides_at_least_four_digits(e164: str, masked: str) -> None:
+    assert mask_phone(e164) == masked
+    assert masked.count("*") >= 4
 
 
 def test_encryption_round_trip_is_randomised_and_key_bound() -> None:
