@@ -135,6 +135,31 @@ def cmd_token_create(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_token_list(args: argparse.Namespace) -> int:
+    from storage.store import Store
+
+    tokens = Store.from_config(_load(args)).list_tokens()
+    if args.json:
+        print(json.dumps(tokens, ensure_ascii=False, indent=2))
+        return EXIT_OK
+    for token in tokens:
+        state = f"revoked {token['revokedAt']}" if token["revokedAt"] else "active"
+        name = token["name"] or "-"
+        print(f"{token['id']:>5}  {token['role']:<10}  {name:<24}  created {token['createdAt']}  {state}")
+    return EXIT_OK
+
+
+def cmd_token_revoke(args: argparse.Namespace) -> int:
+    from storage.store import Store
+
+    if not args.ids and args.name is None:
+        print("name the tokens to revoke: their ids (see `gateway token list`) or --name", file=sys.stderr)
+        return EXIT_USAGE
+    revoked = Store.from_config(_load(args)).revoke_tokens(ids=args.ids, name=args.name)
+    print(f"{revoked} token(s) revoked; a running gateway refuses them within 30 s (its cache)")
+    return EXIT_OK if revoked else EXIT_ERROR
+
+
 def cmd_ratings(args: argparse.Namespace) -> int:
     from gateway.intake import parse_timestamp
     from storage.store import Store
@@ -237,6 +262,13 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--role", required=True, choices=ROLES)
     create.add_argument("--name", default="", help="who or what uses it")
     create.set_defaults(func=cmd_token_create)
+    listing = token.add_parser("list", help="list tokens (never the tokens themselves)")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(func=cmd_token_list)
+    revoke = token.add_parser("revoke", help="revoke tokens by id or by name")
+    revoke.add_argument("ids", nargs="*", type=int, metavar="ID")
+    revoke.add_argument("--name", help="revoke every token with this name")
+    revoke.set_defaults(func=cmd_token_revoke)
 
     ratings = commands.add_parser("ratings", help="look up ratings of a call, work order, agent or service")
     ratings.add_argument("--call-id")

@@ -17,7 +17,7 @@ from itertools import chain
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, func, insert, select, text, update
+from sqlalchemy import Engine, create_engine, event, func, insert, or_, select, text, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
@@ -816,6 +816,37 @@ class Store:
             )
             self._audit(connection, "cli", "token.create", name, {"role": role})
         return token
+
+    def list_tokens(self) -> list[dict[str, Any]]:
+        """Every token's id, role, name and dates; never the token (only its hash is kept)."""
+        t = api_tokens.c
+        with self.engine.connect() as connection:
+            rows = connection.execute(select(t.id, t.role, t.name, t.created_at, t.revoked_at).order_by(t.id))
+            return [
+                {
+                    "id": row.id,
+                    "role": row.role,
+                    "name": row.name,
+                    "createdAt": row.created_at.isoformat(),
+                    "revokedAt": row.revoked_at.isoformat() if row.revoked_at else None,
+                }
+                for row in rows
+            ]
+
+    def revoke_tokens(self, *, ids: Sequence[int] = (), name: str | None = None) -> int:
+        """Revoke the tokens with these ids, or every token with this name; returns how many."""
+        t = api_tokens.c
+        chosen = [t.id.in_(list(ids))] if ids else []
+        if name is not None:
+            chosen.append(t.name == name)
+        if not chosen:
+            return 0
+        with self.engine.begin() as connection:
+            revoked = connection.execute(
+                update(api_tokens).where(or_(*chosen), t.revoked_at.is_(None)).values(revoked_at=utcnow())
+            ).rowcount
+            self._audit(connection, "cli", "token.revoke", name, {"ids": list(ids), "revoked": revoked})
+        return revoked
 
     def authenticate(self, token: str) -> tuple[str, str] | None:
         """(role, token name) for a valid bearer token, else None."""

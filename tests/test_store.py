@@ -172,6 +172,22 @@ def test_tokens_have_roles_and_only_their_hash_is_kept(store: Store) -> None:
         store.create_token("root", "x")
 
 
+def test_a_token_can_be_listed_without_its_secret_and_revoked(store: Store) -> None:
+    """SPEC R5.2: a leaked token (a supervisor's sees numbers unmasked) must be stoppable."""
+    leaked = store.create_token("supervisor", "desk-7")
+    kept = store.create_token("operator", "desk-8")
+    listed = store.list_tokens()
+    assert [(t["role"], t["name"], t["revokedAt"]) for t in listed] == [
+        ("supervisor", "desk-7", None),
+        ("operator", "desk-8", None),
+    ]
+    assert leaked not in repr(listed)
+    assert store.revoke_tokens(name="desk-7") == 1
+    assert store.revoke_tokens(ids=[listed[0]["id"]]) == 0  # already revoked
+    assert store.authenticate(leaked) is None and store.authenticate(kept) == ("operator", "desk-8")
+    assert store.list_tokens()[0]["revokedAt"] is not None
+
+
 def test_upgrade_is_idempotent(store: Store) -> None:
     migrate.upgrade(store.engine)
     assert migrate.current_revision(store.engine) == migrate.head_revision(store.engine)
