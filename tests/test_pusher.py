@@ -113,6 +113,7 @@ class ScriptedPlatform:
         self.sizes: list[int] = []
         self.script: deque[HttpAnswer | Exception | defer.Deferred[HttpAnswer]] = deque()
         self.refuse_batches_with: str | None = None
+        self.refusal = b'{"code": 400, "error": "records[3] is not valid JSON"}'
 
     def post_batch(self, body: bytes) -> defer.Deferred[HttpAnswer]:
         ids = [record["recordId"] for record in json.loads(body)["records"]]
@@ -124,7 +125,7 @@ class ScriptedPlatform:
                 return answer
             return defer.fail(answer) if isinstance(answer, Exception) else defer.succeed(answer)
         if self.refuse_batches_with in ids:
-            return defer.succeed(HttpAnswer(400, b'{"code": 400, "error": "records[3] is not valid JSON"}'))
+            return defer.succeed(HttpAnswer(400, self.refusal))
         return defer.succeed(ack(accepted=ids))
 
     @property
@@ -248,12 +249,24 @@ def test_a_proxy_refusing_everything_with_400_sets_nothing_aside(sqlite_store: S
     pusher.stopService()
 
 
-def test_a_bad_record_alone_in_the_outbox_is_set_aside_once_another_record_goes_through(
+def test_a_bad_record_alone_in_the_outbox_refused_by_the_platform_is_set_aside_at_once(sqlite_store: Store) -> None:
+    [bad] = add_call_ratings(sqlite_store, 1)
+    platform = ScriptedPlatform()
+    platform.refuse_batches_with = bad  # the platform's own JSON answer
+    pusher = make_pusher(sqlite_store, platform, Clock())
+    pusher.startService()
+    assert statuses(sqlite_store)[bad] == "rejected"
+    assert pusher.stats.consecutive_failures == 0  # not a failure of the platform
+    pusher.stopService()
+
+
+def test_a_record_alone_refused_by_a_page_not_the_platforms_waits_until_another_goes_through(
     sqlite_store: Store,
 ) -> None:
     [bad] = add_call_ratings(sqlite_store, 1)
     platform = ScriptedPlatform()
     platform.refuse_batches_with = bad
+    platform.refusal = b"<html><h1>400 Bad Request</h1></html>"  # a proxy's page: maybe every record alike
     clock = Clock()
     pusher = make_pusher(sqlite_store, platform, clock)
     pusher.startService()

@@ -10,8 +10,9 @@ Answers (``PLATFORM.md`` Responses):
 200 ``{"code": 0, …}``          accepted and duplicates are done; rejected are set aside with
                                 the reason; records the answer does not mention stay pending
 400, 413                        the batch is refused: split it in halves to isolate the record
-                                at fault; a single record refused this way is set aside once
-                                another batch of the round went through (the pusher decides)
+                                at fault; a single record refused this way is set aside (when
+                                the refusal is not the platform's JSON, only once another
+                                batch of the round went through: the pusher decides)
 401                             signature, timestamp or nonce refused: retry with a fresh
                                 nonce and timestamp, and say so loudly (a wrong secret?)
 429, 503 (Retry-After)          slow down: wait at least Retry-After, then retry
@@ -53,9 +54,15 @@ class Split:
 
 @dataclass(frozen=True)
 class RejectAlone:
-    """A batch of one record refused as a whole: that record is the one at fault."""
+    """A batch of one record refused as a whole: that record is the one at fault.
+
+    ``platform_said``: the refusal is the platform's own (a JSON object). A page that is not
+    (a proxy's HTML 400 or 413, a wrong URL) may refuse every record alike: the pusher sets
+    such a record aside only once another batch went through.
+    """
 
     reason: str
+    platform_said: bool = True
 
 
 @dataclass(frozen=True)
@@ -81,7 +88,7 @@ def judge(
         return _acknowledgement(sent, body)
     if status in (400, 413):
         reason = f"the platform refused the batch with {status}: {_error_text(body)}"
-        return Split(reason) if len(sent) > 1 else RejectAlone(reason)
+        return Split(reason) if len(sent) > 1 else RejectAlone(reason, platform_said=_is_json_object(body))
     if status == 401:
         return RetryLater(f"the platform refused the signature (401): {_error_text(body)}", auth=True)
     if status in (429, 503):
@@ -111,6 +118,13 @@ def _acknowledgement(sent: Sequence[str], body: bytes) -> Verdict:
     named = set(done) | set(rejected)
     done = list(dict.fromkeys(i for i in done if i not in rejected))
     return Acknowledged(done, rejected, [i for i in sent if i not in named])
+
+
+def _is_json_object(body: bytes) -> bool:
+    try:
+        return isinstance(json.loads(body), dict)
+    except ValueError:
+        return False
 
 
 def _error_text(body: bytes) -> str:

@@ -459,11 +459,12 @@ class Pusher(service.Service):
     async def _push(self, prepared: Prepared) -> None:
         """Send the claimed records; a refused batch is halved until the record at fault is alone.
 
-        A record refused alone is set aside only once the platform has taken another batch
-        in the same round: a proxy or a wrong URL that answers 400 to everything (an HTML
-        page) would otherwise set every record aside, and nothing would ever push them (R7.2).
-        Until then it is a suspect, decided when the round ends; if nothing was taken, the
-        suspects stay pending and the pusher backs off, as for any failure.
+        A record refused alone with the platform's own answer (JSON) is set aside. One refused
+        alone by a page that is not the platform's (a proxy's HTML 400, a wrong URL) is set
+        aside only once another batch of the round went through: such a page may refuse every
+        record alike, and nothing would ever push them again (R7.2). Until then it is a
+        suspect, decided when the round ends; if nothing was taken, the suspects stay pending
+        and the pusher backs off, as for any failure, saying to check the URL.
         """
         claimed_at = self.clock.seconds()
         queue: deque[Prepared] = deque(self._parts(prepared))
@@ -475,10 +476,15 @@ class Pusher(service.Service):
                 await self._release(unsent, "the gateway is stopping", attempt=False)
                 return
             if self.clock.seconds() - claimed_at > self.lease / 3:
-                queue = await self._renew(queue)
+                held = await self._renew([p[0] for part in queue for p in part] + [s[1][0][0] for s in suspects])
+                kept = (list(p for p in part if p[0] in held) for part in queue)
+                queue = deque(part for part in kept if part)
+                suspects = [suspect for suspect in suspects if suspect[1][0][0] in held]
                 claimed_at = self.clock.seconds()
-                if not queue:
+                if not queue and not suspects:
                     return
+                if not queue:
+                    break
             part = queue.popleft()
             batch_id, verdict = await self._post(part)
             if isinstance(verdict, Acknowledged):
@@ -489,7 +495,10 @@ class Pusher(service.Service):
                 queue.extendleft((second, first))
                 log.warning("event=platform.split records=%d reason=refused_batch", len(part))
             elif isinstance(verdict, RejectAlone):
-                suspects.append((batch_id, part, verdict.reason))
+                if verdict.platform_said or taken:
+                    await self._settle(batch_id, Acknowledged([], {part[0][0]: verdict.reason}, []))
+                else:
+                    suspects.append((batch_id, part, verdict.reason))
             else:
                 unsent = [p for _, part, _ in suspects for p in part] + part + [p for rest in queue for p in rest]
                 await self._retry_later(verdict, unsent)
@@ -590,13 +599,12 @@ class Pusher(service.Service):
         except Exception as failure:  # the lease expires by itself
             log.warning("event=platform.release_failed records=%d error=%s", len(ids), type(failure).__name__)
 
-    async def _renew(self, queue: deque[Prepared]) -> deque[Prepared]:
-        ids = [record_id for part in queue for record_id, _ in part]
+    async def _renew(self, ids: list[str]) -> set[str]:
+        """Extend the lease of the records still to be sent; returns those still held."""
         held: set[str] = await self.store.run(self.outbox.renew, self.owner, ids, lease=self.lease)
         if len(held) < len(ids):
             log.warning("event=platform.lease_lost records=%d", len(ids) - len(held))
-        kept = (list(p for p in part if p[0] in held) for part in queue)
-        return deque(part for part in kept if part)
+        return held
 
 
 def _iso(seconds: float | None) -> str | None:
