@@ -481,15 +481,6 @@ def _cross_checks(sections: dict[str, Any], origin: dict[tuple[str, str], str], 
                     "http:// is allowed only on loopback (PLATFORM.md Transport); use https://",
                 )
             )
-        if not sections["privacy"].phone_hash_key:
-            problems.append(
-                Problem(
-                    where("privacy", "phone_hash_key"),
-                    "[privacy] phone_hash_key",
-                    "must be the platform's shared key when [platform] enabled = true: a key of our own makes "
-                    "every userPhoneHash one the platform cannot match (PLATFORM.md)",
-                )
-            )
     if platform.timeout <= 0:
         problems.append(Problem(where("platform", "timeout"), "[platform] timeout", "must be longer than 0 s"))
     country = sections["privacy"].default_country_code

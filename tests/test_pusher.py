@@ -676,3 +676,27 @@ def test_two_instances_on_one_postgresql_push_each_record_once(
 ) -> None:
     """SPEC R7.2 with several instances: each of 20,000 records arrives, none is pushed by both."""
     push_with_two_instances(tmp_path, postgresql_fresh_url, platform_process[0], INSTANCES_RECORDS, batch_size=500)
+
+
+def test_a_platform_without_the_shared_phone_hash_key_is_said_at_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PLATFORM.md userPhoneHash: warned, not refused (a new key would unlink stored opt-outs, R3.8)."""
+    from gateway.config import load_config
+    from gateway.platform.pusher import build_pusher
+
+    environ = {
+        "GATEWAY_STORE_DATA_DIR": str(tmp_path),
+        "GATEWAY_PLATFORM_ENABLED": "true",
+        "GATEWAY_PLATFORM_URL": "https://hcp.example.gov.cn/api",
+        "GATEWAY_PLATFORM_APP_ID": "gw",
+        "GATEWAY_PLATFORM_SECRET": "s",
+    }
+    with caplog.at_level("WARNING", logger="gateway.platform"):
+        build_pusher(load_config(None, environ=environ), Clock(), SyncStore(None))  # type: ignore[arg-type]
+    assert "event=platform.own_phone_hash_key" in caplog.text
+    caplog.clear()
+    keyed = {**environ, "GATEWAY_PRIVACY_PHONE_HASH_KEY": base64.b64encode(os.urandom(32)).decode()}
+    with caplog.at_level("WARNING", logger="gateway.platform"):
+        build_pusher(load_config(None, environ=keyed), Clock(), SyncStore(None))  # type: ignore[arg-type]
+    assert "own_phone_hash_key" not in caplog.text

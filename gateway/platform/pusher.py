@@ -614,6 +614,14 @@ def _iso(seconds: float | None) -> str | None:
 def build_pusher(config: Config, reactor: Any, store: StoreRunner) -> Pusher:
     """The pusher of ``gateway run`` (``[platform]`` section), for :func:`gateway.app.build_gateway`."""
     platform = config.platform
+    if not config.privacy.phone_hash_key:
+        # Not refused: an installation that started without it has every phone hash (opt-outs
+        # included, SPEC R3.8) under its generated key, and a new key would unlink them.
+        log.warning(
+            "event=platform.own_phone_hash_key detail=%r",
+            "[privacy] phone_hash_key is not set: userPhoneHash is made with this installation's own key, "
+            "which the platform cannot match (PLATFORM.md); set the shared key before the first start",
+        )
     client = PlatformClient(reactor, platform.url, platform.app_id, platform.secret, platform.timeout)
     return Pusher(
         store,
