@@ -11,10 +11,11 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import event, func, select
+from sqlalchemy import event, func, select, update
 from sqlalchemy.exc import OperationalError
 
 from gateway.intake import ServiceRecordInput
+from gateway.privacy import mask_phone
 from gateway.rating import Channel, Level, ServiceKind
 from storage import migrate
 from storage.schema import SERVICE_RECORD_LOOKUPS, metadata, outbox, ratings, service_records
@@ -238,6 +239,29 @@ def test_migration_0004_goes_down_and_up_again(store: Store) -> None:
     migrate.upgrade(store.engine)
     assert migrate.current_revision(store.engine) == migrate.head_revision(store.engine)
     assert store.get_service_record("M-1") is not None
+
+
+def test_migration_0005_hides_four_digits_of_the_short_numbers_already_stored(store: Store) -> None:
+    """SPEC R5.1: masks written before 0005 showed seven digits of eight; the upgrade hides more."""
+    config = migrate.alembic_config(store.engine)
+    with store.engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.downgrade(config, "0004")
+    old_masks = {"L-8": "876*4321", "L-10": "218***4321", "M-11": "138****5678", "X-12": "447*****3456"}
+    store.upsert_service_records([matter(record_id) for record_id in old_masks])
+    with store.engine.begin() as connection:
+        for record_id, masked in old_masks.items():
+            connection.execute(
+                update(service_records).where(service_records.c.external_id == record_id).values(mobile_masked=masked)
+            )
+    migrate.upgrade(store.engine)
+    assert {record_id: store.get_service_record(record_id)["mobileMasked"] for record_id in old_masks} == {  # type: ignore[index]
+        "L-8": "****4321",
+        "L-10": "21****4321",
+        "M-11": "138****5678",
+        "X-12": "447*****3456",
+    }
+    assert mask_phone("+8687654321") == "****4321"  # the migration's rule is the code's
 
 
 def test_group_commit_of_call_ratings_matches_one_by_one_writes(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
