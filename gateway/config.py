@@ -484,7 +484,7 @@ def _cross_checks(sections: dict[str, Any], origin: dict[tuple[str, str], str], 
     if platform.timeout <= 0:
         problems.append(Problem(where("platform", "timeout"), "[platform] timeout", "must be longer than 0 s"))
     country = sections["privacy"].default_country_code
-    if not (country.isdigit() and 1 <= len(country) <= 3 and not country.startswith("0")):
+    if not re.fullmatch(r"[1-9][0-9]{0,2}", country):  # ASCII digits: "８６" would make other hashes
         problems.append(
             Problem(
                 where("privacy", "default_country_code"),

@@ -16,6 +16,7 @@ from datetime import datetime
 from pathlib import Path
 
 from gateway.intake import ALL_FIELDS, ServiceRecordInput, parse_service_record
+from gateway.privacy import mask_phone
 from storage.store import IntakeResult, Store
 
 BATCH_SIZE = 2000
@@ -130,6 +131,8 @@ def import_csv(
                 raw_id = row.get("id", "").strip() or None
                 if raw_id and any(error.field == "id" for error in parsed):
                     raw_id = None  # not a valid id: maybe a phone or a name of a shifted column (SPEC R5.1)
+                elif raw_id and raw_id.isascii() and raw_id.isdigit() and len(raw_id) >= 7:
+                    raw_id = mask_phone("+" + raw_id)  # all digits: maybe a phone; the line number tells the row (R5.1)
                 report.problems.append(RowProblem(line, raw_id, "; ".join(str(e) for e in parsed)))
                 if progress:
                     progress(1)

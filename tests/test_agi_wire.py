@@ -1013,3 +1013,17 @@ def test_transcripts_replay_through_the_connection(path):
     assert answered == sent
     assert hangups == expected_hangups
     assert conn.outstanding is None
+
+
+def test_long_identifiers_are_shortened_apart_and_alike() -> None:
+    """Two call ids differing only past 64 characters stay two calls (R1.4); the same id maps alike."""
+    from gateway.ivr.call import hand_off_from_request
+
+    def hand_off(call_id: str) -> dict[str, str | None]:
+        return hand_off_from_request(parse_environment(["agi_request: gateway-agi", f"agi_arg_1: call_id={call_id}"]))
+
+    first, second = "C" * 70 + "-1", "C" * 70 + "-2"
+    assert hand_off(first)["call_id"] != hand_off(second)["call_id"]
+    assert hand_off(first)["call_id"] == hand_off(first)["call_id"]
+    assert all(len(hand_off(x)["call_id"] or "") == 64 for x in (first, second))
+    assert hand_off("1795370500.1")["call_id"] == "1795370500.1"

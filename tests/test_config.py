@@ -77,6 +77,7 @@ def test_every_problem_is_reported_with_source_key_and_reason(tmp_path: Path) ->
             "[privacy] default_country_code: '+86' is not a country calling code",
         ),
         ('[privacy]\ndefault_country_code = "086"\n', "[privacy] default_country_code: '086' is not"),
+        ('[privacy]\ndefault_country_code = "８６"\n', "[privacy] default_country_code: '８６' is not"),
         ('[platform]\ntimeout = "0s"\n', "[platform] timeout: must be longer than 0 s"),
         (
             '[platform]\nenabled = true\nurl = "http://hcp.example.gov.cn/api"\napp_id = "gw"\nsecret = "s"\n',

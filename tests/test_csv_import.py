@@ -57,14 +57,16 @@ def test_a_shifted_row_is_reported_without_the_phone_it_carries_and_bad_dates_st
         HEADER
         + "138 1234 5679,matter,,,,,,,,,,,\n"
         + "M-7,13912345678,,,,,,,,,,,\n"
+        + "13912345679,M-10,matter,,,,,,,,,,\n"
         + "M-8,matter,0001-01-01T00:00:00,,,,,,,,,,\n"
         + "M-9,matter,2026-11-22 10:00:00,,,,,,,,,,\n",
     )
     report = import_csv(path, store, now=NOW)
-    assert report.counts == {"created": 1, "updated": 0, "unchanged": 0, "rejected": 3}
+    assert report.counts == {"created": 1, "updated": 0, "unchanged": 0, "rejected": 4}
     printed = "\n".join(str(p) for p in report.problems)
-    assert "1234" not in printed and "13912345678" not in printed
-    assert "line 4, id M-8: completed_at" in printed
+    assert "1234" not in printed and "13912345678" not in printed and "13912345679" not in printed
+    assert "line 4, id 139****5679: kind" in printed  # a digits-only id is shown masked
+    assert "line 5, id M-8: completed_at" in printed
     assert store.get_service_record("M-9") is not None
 
 

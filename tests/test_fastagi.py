@@ -243,6 +243,21 @@ def test_stopping_lets_calls_end_within_the_grace_then_ends_and_records_the_rest
     assert factory.drain(grace=30).called  # nothing left to wait for
 
 
+def test_a_peer_that_stopped_reading_does_not_hold_up_the_stop(
+    factory: FastAGIFactory, writer: FakeWriter, clock: Clock
+) -> None:
+    """The orderly close waits for the peer to read what is queued; at the stop it may not."""
+    call = start(factory)
+    drained = factory.drain(grace=10)
+    clock.advance(10)
+    assert call.transport.disconnecting and not drained.called  # closed, but the peer never reads
+    aborted: list[bool] = []
+    call.transport.abortConnection = lambda: (aborted.append(True), call.protocol.connectionLost())  # type: ignore[method-assign]
+    clock.advance(5)
+    assert aborted == [True] and drained.called
+    assert [(name, kwargs.get("reason")) for name, kwargs, _ in writer.writes] == [("unrated_call", "error")]
+
+
 def test_broken_environment_and_unknown_script_are_closed(factory: FastAGIFactory) -> None:
     call = Call(factory)
     call.send(b"this is not an environment\n")

@@ -65,6 +65,7 @@ def test_the_platform_holding_more_or_less_than_was_pushed_is_a_difference() -> 
         ({"counts": {"7": {"4": True}}}, "not whole numbers"),
         ({"counts": {"sms": {"4": 1}}}, "not keyed by pf and level codes"),
         ({"counts": {"7": {"good": 1}}}, "not keyed by pf and level codes"),
+        ({"counts": {"７": {"4": 1}}}, "not keyed by pf and level codes"),
     ],
 )
 def test_a_malformed_platform_answer_is_said_in_words(answer: Any, problem: str) -> None:

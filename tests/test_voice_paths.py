@@ -24,7 +24,7 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from gateway.ivr.call import RatingCall
+from gateway.ivr.call import RatingCall, shorten
 from gateway.ivr.classic import read_environment, run_call
 from gateway.ivr.dialogue import DialogueSettings
 from gateway.ivr.fastagi import FastAGIFactory, RatingStore
@@ -248,7 +248,11 @@ def test_identifiers_longer_than_the_store_holds_are_cut_and_the_key_is_stored(s
     play(store, "w1.5 d2", query=f"agent={agent}&work_order={work_order}")
     assert stored(store) == [(Level.SATISFIED, "2")]
     record = store.get_service_record("1795370491.70")
-    assert record is not None and (record["workOrder"], record["agentId"]) == (work_order[:64], agent[:64])
+    assert record is not None and (record["workOrder"], record["agentId"]) == (
+        shorten(work_order, 64),
+        shorten(agent, 64),
+    )
+    assert record["workOrder"].startswith(work_order[:52]) and len(record["workOrder"]) == 64
 
 
 def test_locked_database_is_retried_and_the_key_is_not_lost(sqlite_store: Store) -> None:

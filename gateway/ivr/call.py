@@ -7,6 +7,7 @@ So the rules of a call (SPEC R2.1–R2.5) live in one place, whatever carries th
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -59,13 +60,23 @@ def hand_off_from_request(request: agi.AGIRequest) -> dict[str, str | None]:
         "caller": param("caller") or request.caller_id,
     }
     # A call cannot be refused as the intake refuses a record: an identifier longer than its
-    # column is cut to fit, so that the key is stored all the same (R2.4).
+    # column is made to fit, so that the key is stored all the same (R2.4).
     for name, value in hand_off.items():
         limit = MAX_FIELD_LENGTH.get(name)
         if value is not None and limit is not None and len(value) > limit:
-            log.warning("event=agi.identifier_cut field=%s length=%d limit=%d", name, len(value), limit)
-            hand_off[name] = value[:limit]
+            log.warning("event=agi.identifier_shortened field=%s length=%d limit=%d", name, len(value), limit)
+            hand_off[name] = shorten(value, limit)
     return hand_off
+
+
+def shorten(value: str, limit: int) -> str:
+    """``value`` in ``limit`` characters: its start, ``~`` and a digest of the whole.
+
+    Not a plain cut: two call ids that differ only after the limit stay two calls (R1.4), and
+    the same long id always gives the same short one, whichever adapter carried it.
+    """
+    digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:11]
+    return value[: limit - len(digest) - 1] + "~" + digest
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,8 @@ from storage.deferred import DeferredStore, GroupWriter, StoreStopped
 
 log = logging.getLogger("gateway.ivr.fastagi")
 
+#: After the shutdown grace, how long an ended call's orderly close may take before it is reset.
+SHUTDOWN_ABORT_AFTER = 5.0
 #: Delays before retrying a failed store write; a key pressed is a rating stored (SPEC R2.4).
 STORE_RETRY_DELAYS = (0.2, 1.0, 3.0)
 #: Failures that would only repeat (a value the database refuses, a store stopped): no retry,
@@ -299,12 +301,28 @@ class FastAGIFactory(protocol.ServerFactory):
         self._all_ended.append(ended)
         log.info("event=agi.draining calls=%d grace_s=%s", len(self.calls), grace)
 
+        timers: list[IDelayedCall] = []
+
         def cut() -> None:
             for call in list(self.calls):
                 call.shut_down()
+            if self.calls:  # a peer that stopped reading never lets an orderly close finish
+                timers.append(self.clock.callLater(SHUTDOWN_ABORT_AFTER, abort))
 
-        timer = self.clock.callLater(grace, cut)
-        ended.addBoth(lambda result: (timer.cancel() if timer.active() else None, result)[1])
+        def abort() -> None:
+            for call in list(self.calls):
+                log.warning("event=agi.call_aborted call_id=%s why=shutdown", call.call.call_id)
+                if call.transport is not None:
+                    call.transport.abortConnection()
+
+        def cancel_timers(result: Any) -> Any:
+            for timer in timers:
+                if timer.active():
+                    timer.cancel()
+            return result
+
+        timers.append(self.clock.callLater(grace, cut))
+        ended.addBoth(cancel_timers)
         return ended
 
 

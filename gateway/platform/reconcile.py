@@ -12,6 +12,7 @@ Blocking code (the store, ``urllib``) for the ``gateway reconcile`` command; Twi
 from __future__ import annotations
 
 import json
+import re
 import time
 import urllib.error
 import urllib.parse
@@ -128,6 +129,9 @@ def platform_configured(config: PlatformConfig) -> bool:
     return bool(config.url.strip() and config.app_id.strip() and config.secret)
 
 
+_CODE = re.compile(r"[0-9]{1,3}")  # ASCII: str.isdigit() takes full-width digits too
+
+
 def parse_platform_counts(answer: Any, day: date) -> dict[str, dict[str, int]]:
     """The ``counts`` of a ``/reconciliation`` answer, checked (PLATFORM.md Reconciliation)."""
     if not isinstance(answer, dict) or not isinstance(answer.get("counts"), dict):
@@ -138,7 +142,7 @@ def parse_platform_counts(answer: Any, day: date) -> dict[str, dict[str, int]]:
     for pf, levels in answer["counts"].items():
         if not isinstance(levels, dict):
             raise PlatformUnavailable(f"the platform's counts for channel {pf} are not an object")
-        if not str(pf).isdigit() or not all(str(level).isdigit() for level in levels):
+        if not _CODE.fullmatch(str(pf)) or not all(_CODE.fullmatch(str(level)) for level in levels):
             raise PlatformUnavailable(f"the platform's counts for channel {pf!r} are not keyed by pf and level codes")
         if not all(type(n) is int and n >= 0 for n in levels.values()):
             raise PlatformUnavailable(f"the platform's counts for channel {pf} are not whole numbers")
