@@ -297,6 +297,19 @@ def classic_store(tmp_path: Path) -> Store:
     return Store.from_config(load_config(None, environ={"GATEWAY_STORE_DATA_DIR": str(tmp_path / "data")}))
 
 
+def run_classic(arguments: list[str], script: str, unique_id: str, classic_env: dict[str, str]) -> sim.CallResult:
+    """``gateway-agi`` started as Asterisk starts it, the caller following ``script``."""
+    return sim.run_classic_agi(
+        [GATEWAY_AGI, *arguments],
+        script,
+        env_extra=classic_env,
+        timeout=60,
+        time_scale=0.3,
+        prompt_seconds=PROMPTS,
+        agi_env={"agi_uniqueid": unique_id, "agi_callerid": "13900001111"},
+    )
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("script", "expected", "reason"),
@@ -315,15 +328,7 @@ def test_classic_agi_script(
     tmp_path: Path, classic_env: dict[str, str], script: str, expected: list[tuple[Level, str]], reason: str | None
 ) -> None:
     store = classic_store(tmp_path)  # creates the schema, as `gateway db upgrade` would
-    result = sim.run_classic_agi(
-        [GATEWAY_AGI, "call_id=1795370500.1", "agent=A7", "work_order=WO-9"],
-        script,
-        env_extra=classic_env,
-        timeout=60,
-        time_scale=0.3,
-        prompt_seconds=PROMPTS,
-        agi_env={"agi_uniqueid": "1795370500.1", "agi_callerid": "13900001111"},
-    )
+    result = run_classic(["call_id=1795370500.1", "agent=A7", "work_order=WO-9"], script, "1795370500.1", classic_env)
     assert result.exit_status == 0, result.stderr.decode()
     assert b"13900001111" not in result.stderr  # SPEC R5.1: nothing personal on Asterisk's console
     assert stored(store, "1795370500.1") == expected
@@ -338,15 +343,7 @@ def test_classic_agi_script_reads_the_dialplans_query_argument(tmp_path: Path, c
     a work order with a comma, a quote and a backslash reaches the service record whole (SPEC R2.1)."""
     store = classic_store(tmp_path)
     query = "?call_id=1795370500.2&linked_id=1795370500.1&agent=A%207&work_order=WO%2C9%20%22a%5Cb%22&matter=&queue="
-    result = sim.run_classic_agi(
-        [GATEWAY_AGI, query],
-        "w4 d1",
-        env_extra=classic_env,
-        timeout=60,
-        time_scale=0.3,
-        prompt_seconds=PROMPTS,
-        agi_env={"agi_uniqueid": "1795370500.2", "agi_callerid": "13900001111"},
-    )
+    result = run_classic([query], "w4 d1", "1795370500.2", classic_env)
     assert result.exit_status == 0, result.stderr.decode()
     assert stored(store, "1795370500.2") == [(Level.VERY_SATISFIED, "1")]
     record = store.get_service_record("1795370500.2")
