@@ -43,7 +43,7 @@ from gateway.sms.schedule import (
     next_action,
 )
 from gateway.sms.settings import SmsSettings, is_mobile, smpp_destination
-from gateway.workdays import WorkingDayCalendar
+from gateway.workdays import CalendarUnknownError, WorkingDayCalendar
 from storage.schema import (
     invitations,
     message_parts,
@@ -66,6 +66,8 @@ OPEN_STATUSES = ("scheduled", "sent", "reminded")
 REPEAT_WINDOW = timedelta(minutes=30)
 #: Parts of a multi-part reply older than this with the message still incomplete are given up.
 REASSEMBLY_TIMEOUT = timedelta(minutes=30)
+#: How often an invitation whose window's year the calendar does not know yet looks again.
+CALENDAR_RETRY = timedelta(hours=1)
 
 
 @dataclass(frozen=True)
@@ -160,7 +162,7 @@ class SmsStore:
                         "extension_code": self.settings.extension_code(record_id),
                         "status": "scheduled",
                         "send_after": send_after,
-                        "closes_at": self.settings.schedule.closes_at(completed_at, self.calendar),
+                        "closes_at": self._closes_at(completed_at),
                         "next_step_at": send_after,
                         "created_at": now,
                     }
@@ -224,6 +226,19 @@ class SmsStore:
                 counts[self._step(connection, row, row["service_record_id"] in rated, opted, history, now)] += 1
         return StepCounts(**counts)
 
+    def _closes_at(self, completed_at: datetime) -> datetime | None:
+        """The window's end (R3.4), or None while the calendar of its year is not known.
+
+        Never a guess, and never a stop either: the invitation is kept, and its first step
+        waits (``CALENDAR_RETRY``) until the year is known, from a newer ``chinese-calendar``
+        or ``[calendar] override_file``; every other invitation goes on meanwhile.
+        """
+        try:
+            return self.settings.schedule.closes_at(completed_at, self.calendar)
+        except CalendarUnknownError as error:
+            log.error("event=sms.calendar_unknown detail=%r action=%s", str(error), "set [calendar] override_file")
+            return None
+
     def _step(
         self,
         connection: Connection,
@@ -233,6 +248,15 @@ class SmsStore:
         history: dict[str, list[SentMessage]],
         now: datetime,
     ) -> str:
+        i = invitations.c
+        where = i.id == row["id"]
+        if row["closes_at"] is None:  # the calendar of its year was not known when it was made
+            closes = self._closes_at(row["completed_at"])
+            if closes is None:
+                connection.execute(update(invitations).where(where).values(next_step_at=now + CALENDAR_RETRY))
+                return "deferred"
+            connection.execute(update(invitations).where(where).values(closes_at=closes))
+            row = {**row, "closes_at": closes}
         phone = self.store.protector.decrypt(row["mobile_enc"])
         # A land line cannot get an SMS: no sends, only the default at the window's end (R3.4).
         no_sms = row["mobile_hash"] in opted or not is_mobile(phone)
@@ -248,8 +272,6 @@ class SmsStore:
         content = self._text(kind, row)
         sent = history.setdefault(row["mobile_hash"], [])
         action = next_action(state, now, self.settings.schedule, sent, content)
-        i = invitations.c
-        where = i.id == row["id"]
         if isinstance(action, Done):
             connection.execute(update(invitations).where(where).values(status="rated", next_step_at=None))
             return "done"
@@ -952,7 +974,8 @@ class SmsStore:
         ).first()
         if rated is not None:
             return ReplyWindow.ALREADY_RATED, "already_rated"
-        if invitation["status"] not in OPEN_STATUSES or invitation["closes_at"] <= now:
+        closes_at = invitation["closes_at"]  # None: its first step waits for the calendar, still open
+        if invitation["status"] not in OPEN_STATUSES or (closes_at is not None and closes_at <= now):
             return ReplyWindow.CLOSED, "closed"
         return ReplyWindow.OPEN, "open"
 

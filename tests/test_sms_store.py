@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select, update
@@ -96,6 +97,28 @@ def test_invitation_within_a_minute_then_one_reminder_then_the_default(store: St
     assert len(rows(store, outbox)) == 1  # pushed like any rating (R3.4, R7.1)
     assert rows(store, invitations)[0]["status"] == "closed"
     assert sms.run_due_steps(now=shanghai(2026, 12, 30, 10, 0)) == type(sms.run_due_steps())()
+
+
+def test_a_window_in_a_year_the_calendar_does_not_know_waits_and_stops_nothing_else(
+    store: Store, sms: SmsStore, tmp_path: Path
+) -> None:
+    """SPEC R3.4 never guessed, R3.1 never stopped: a service completed on 2026-12-28 has its
+    5-working-day window in 2027, which chinese-calendar 1.11 does not know."""
+    late, known = shanghai(2026, 12, 28, 10, 0), shanghai(2026, 12, 24, 10, 0)
+    unknown_year = complete(store, "M-2027", late, phone=OTHER_PHONE)
+    complete(store, "M-KNOWN", known)  # its window ends on 2026-12-31
+    sms.create_invitations(EPOCH, now=late)  # no error: both invitations exist
+    closes = {row["service_record_id"]: row["closes_at"] for row in rows(store, invitations)}
+    assert closes[unknown_year] is None and len(closes) == 2
+    steps = sms.run_due_steps(now=late + timedelta(minutes=2))
+    assert (steps.invitations, steps.deferred) == (1, 1)  # the known one is sent, the other waits
+    override = tmp_path / "calendar.toml"
+    override.write_text('[2027]\nholidays = ["2027-01-01"]\nworkdays = []\n', encoding="utf-8")
+    knowing = SmsStore(store, SmsSettings(), WorkingDayCalendar.from_override_file(str(override)))
+    assert knowing.run_due_steps(now=late + timedelta(hours=2)).invitations == 1
+    [waited] = rows(store, invitations, invitations.c.service_record_id == unknown_year)
+    assert waited["status"] == "sent"
+    assert waited["closes_at"] == shanghai(2027, 1, 5, 10, 0)  # 12-29, 12-30, 12-31, 01-04, 01-05
 
 
 def test_quiet_hours_hold_the_invitation_until_morning(store: Store, sms: SmsStore) -> None:
