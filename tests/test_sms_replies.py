@@ -145,6 +145,18 @@ REPLIES: list[tuple[str, Expected]] = [
     ("2024年", unclear(NO_LEVEL)),
     ("第3个窗口", unclear(NO_LEVEL)),
     ("给5分", unclear(NO_LEVEL)),  # a score, not key 5
+    ("5 分", unclear(NO_LEVEL)),  # a unit after a space is still a unit
+    ("５ 分", unclear(NO_LEVEL)),
+    ("5 星", unclear(NO_LEVEL)),
+    ("5颗星", unclear(NO_LEVEL)),
+    ("5⭐", unclear(NO_LEVEL)),
+    ("5★", unclear(NO_LEVEL)),
+    ("5/5", unclear(NO_LEVEL)),
+    ("满分5", unclear(NO_LEVEL)),
+    ("给个5", unclear(NO_LEVEL)),
+    ("5 stars", unclear(NO_LEVEL)),
+    ("1 星", unclear(NO_LEVEL)),  # one star is not key 1 (非常满意)
+    ("1 号窗口", unclear(NO_LEVEL)),
     ("10", unclear(NO_LEVEL)),
     ("8:30到的", unclear(NO_LEVEL)),
     ("出差了", unclear(NO_LEVEL)),  # 差 counts only as the whole reply
@@ -173,6 +185,10 @@ REPLIES: list[tuple[str, Expected]] = [
     ("退订", opt_out()),
     ("【退订】", opt_out()),
     ("我要退订，别再发了", opt_out()),
+    ("4 你们的短信退订不了", opt_out()),  # wants to stop: opting out is what was asked
+    ("不要退订", unclear(NO_LEVEL)),  # a negated 退订 is not an opt-out, which is permanent (R1.5)
+    ("不退订", unclear(NO_LEVEL)),
+    ("2 别退订", rated("满意", "别退订")),  # the rating stands
     ("4 退订", opt_out()),  # stopping messages wins over the rating
     ("谢谢 TD", opt_out()),
     ("TEST", unclear(NO_LEVEL)),  # T counts only as the whole reply, TD only as a word

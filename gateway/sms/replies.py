@@ -8,14 +8,16 @@ How a reply is read, in order:
 
 1. Normalise (NFKC): full-width ``１`` and ``ＴＤ`` become ``1`` and ``TD``, ``，`` becomes ``,``.
 2. Empty → unclear. ``TD``, ``T`` (only as the whole reply) or ``退订`` → opt-out (SPEC R3.8); an
-   opt-out wins over a rating in the same reply, since stopping messages matters more.
+   opt-out wins over a rating in the same reply, since stopping messages matters more. A
+   negated ``退订`` (不要退订, 别退订) is not one.
 3. Unreadable (U+FFFD, control characters, GBK or UTF-8 bytes decoded with the wrong codec)
    → unclear: a guess from mojibake could record a wrong rating.
 4. Tokens: runs of ASCII digits, level words, separators, the rest. A digit run is a menu key
    when it is one digit or one digit repeated (``1``, ``11``); it is a number, not a key, when
    it is longer (``13800138000``, ``2024``), holds ``.`` or ``:`` (``3.5``, ``8:30``), touches a
-   Latin letter (``B1``), follows 第 or precedes a unit (``3号``, ``2个``, ``5分``, ``5星``: a
-   score out of 5 would otherwise read as 非常不满意). Two or three different menu digits
+   Latin letter (``B1``), follows 第 or a score's lead (满分5, 给个5, 5/5) or precedes a unit, a
+   space between allowed (``3号``, ``2个``, ``5 分``, ``5星``, ``5★``, ``5 stars``: a score out of 5
+   would otherwise read as 非常不满意). Two or three different menu digits
    (``12``) are several keys.
 5. Level words are matched longest first, so 不满意 and 非常不满意 are found whole and never as
    满意 (the substring trap of SPEC R3.5). A word preceded in its clause by a negation
@@ -229,13 +231,35 @@ def _normalise(raw: str) -> tuple[str, list[int]]:
 
 _OPT_OUT_WHOLE = re.compile(r"(?:td|退订)+|t")
 _OPT_OUT_TD = re.compile(r"(?<![a-z])td(?![a-z])")
+_OPT_OUT_NEGATIONS = (
+    "不",
+    "别",
+    "別",
+    "勿",
+    "没",
+    "沒",
+    "无需",
+    "無需",
+    "不用",
+    "不要",
+    "不想",
+    "不必",
+    "没有",
+    "沒有",
+)
 
 
 def _is_opt_out(text: str) -> bool:
-    """SPEC R3.8: TD or 退订 anywhere (TD as a word of its own), T only as the whole reply."""
+    """SPEC R3.8: TD or 退订 anywhere (TD as a word of its own), T only as the whole reply.
+
+    退订 right after a negation (不要退订, 不退订, 别退订) says the opposite: not an opt-out,
+    which is permanent (R1.5) and would also drop a rating given in the same reply.
+    """
     folded = text.casefold()
     compact = "".join(char for char in folded if not _is_separator(char))
-    return bool(_OPT_OUT_WHOLE.fullmatch(compact)) or "退订" in compact or bool(_OPT_OUT_TD.search(folded))
+    if _OPT_OUT_WHOLE.fullmatch(compact) or _OPT_OUT_TD.search(folded):
+        return True
+    return any(not compact[: match.start()].endswith(_OPT_OUT_NEGATIONS) for match in re.finditer("退订", compact))
 
 
 def _is_cjk(char: str) -> bool:
@@ -307,7 +331,12 @@ class _Token:
 
 _DIGITS = re.compile(r"[0-9]+(?:[.:][0-9]+)*")
 _LATIN = re.compile(r"[A-Za-z]+")
-_UNITS = frozenset("年月日号號时時点點分秒个個位次楼樓层層元块塊岁歲天周星人名件遍趟条條张張份本项項%‰℃万萬千百十")
+_UNITS = frozenset(
+    "年月日号號时時点點分秒个個位次楼樓层層元块塊岁歲天周星颗顆人名件遍趟条條张張份本项項%‰℃万萬千百十★☆⭐/"
+)
+#: Before a digit, what makes it a score rather than a menu key: 满分5, 评分5, 给个5, 5/5.
+_SCORE_LEADS = frozenset("分个個/")
+_LATIN_UNITS = ("star", "point", "pts", "pt ")
 _UNIT_WORDS = ("小时", "小時")
 _NEGATIONS = frozenset("不没沒未无無别別")
 _NEGATION_REACH = 4  # characters before a level word, within its clause
@@ -353,14 +382,18 @@ def _tokenise(text: str, rules: ReplyRules) -> list[_Token]:
 def _digit_token(text: str, start: int, end: int, key_map: KeyMap) -> _Token:
     run = text[start:end]
     before = text[start - 1] if start else ""
-    after = text[end : end + 2]
+    touching = text[end : end + 1]
+    following = text[end:].lstrip(" \t")  # a unit may follow a space: "5 分", "1 号窗口", "5 stars"
+    after = following[:2]
     is_number = (
         not run.isdigit()  # 3.5, 8:30
         or (before.isascii() and before.isalpha())
-        or (after[:1].isascii() and after[:1].isalpha())  # B1, 1A: a code
+        or (touching.isascii() and touching.isalpha())  # B1, 1A: a code
+        or following[:5].lower().startswith(_LATIN_UNITS)  # 5 stars, 5 points
         or before == "第"  # 第3个窗口
+        or before in _SCORE_LEADS  # 满分5, 给个5: a score out of 5 would read as 非常不满意
         or after[:1] in _UNITS
-        or after.startswith(_UNIT_WORDS)  # 3号, 2个小时, 5分, 5星
+        or after.startswith(_UNIT_WORDS)  # 3号, 2个小时, 5分, 5星, 5★, 5/5
     )
     different = sorted(set(run))
     if is_number or (len(different) > 1 and len(run) > 3):
