@@ -116,6 +116,7 @@ def run_gateway_sender(
             "GATEWAY_SMPP_WINDOW": str(window),
             "GATEWAY_SMPP_RATE": str(rate or 1_000_000),
             "GATEWAY_SMS_DELIVERY_RECEIPTS": "true" if receipts else "false",
+            "GATEWAY_SMS_QUIET_HOURS": "",  # the queued invitations go at any hour of the run
         },
     )
     store = Store.from_config(config)

@@ -404,6 +404,11 @@ class SmsStore:
         ]
         if holding:
             claimable.append(m.id.not_in(sorted(holding)))
+        quiet = self.settings.schedule.quiet_hours
+        if quiet is not None and quiet.contains(now):
+            # R3.2 at the moment of sending too: a retry, or a backlog held while the SMSC was
+            # down, waits for the morning; answers to a citizen's own message still go.
+            claimable.append(m.kind.not_in(("invitation", "reminder")))
         due = select(m.id).where(*claimable).order_by(m.priority, m.id).limit(limit)
         if not self.store.is_sqlite:
             due = due.with_for_update(skip_locked=True)

@@ -32,6 +32,16 @@ def shanghai(*args: int) -> datetime:
     return datetime(*args, tzinfo=SHANGHAI)  # type: ignore[misc]
 
 
+#: "Now" for the calls that do not pass one: 10:00 in Shanghai, so that the suite reads the same
+#: at any hour (quiet hours, R3.2, hold invitations from 21:00 to 08:00).
+DAYTIME = datetime(2026, 11, 24, 2, 0, tzinfo=UTC)
+
+
+@pytest.fixture(autouse=True)
+def daytime(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("storage.sms.utcnow", lambda: DAYTIME)
+
+
 @pytest.fixture
 def sms(store: Store) -> SmsStore:
     return SmsStore(store, SmsSettings(), WorkingDayCalendar())
@@ -213,7 +223,7 @@ def test_failures_are_retried_then_reported(store: Store, sms: SmsStore) -> None
     done = shanghai(2026, 11, 23, 10, 0)
     complete(store, "M-1", done)
     invite(sms, done + timedelta(minutes=2))
-    now = datetime.now(UTC)
+    now = DAYTIME
     refs = set()
     for attempt in range(3):
         [out] = sms.claim_messages("a", 10, lease=60, now=now)
@@ -244,7 +254,7 @@ def test_a_message_held_in_flight_is_not_claimed_again_when_its_lease_runs_out(s
     done = shanghai(2026, 11, 23, 10, 0)
     complete(store, "M-1", done)
     invite(sms, done + timedelta(minutes=2))
-    now = datetime.now(UTC)
+    now = DAYTIME
     [out] = sms.claim_messages("a", 10, lease=60, now=now)
     assert sms.claim_messages("a", 10, lease=60, holding=[out.id], now=now + timedelta(seconds=61)) == []
     # The holder renews its lease while parts wait; no other sender takes the message meanwhile.
@@ -259,6 +269,23 @@ def test_a_message_held_in_flight_is_not_claimed_again_when_its_lease_runs_out(s
     assert rows(store, messages)[0]["claimed_by"] == "b"
     sms.release_messages([out.id], owner="b")
     assert rows(store, messages)[0]["claimed_by"] is None
+
+
+def test_invitations_queued_before_21h_wait_for_the_morning_but_answers_go(store: Store, sms: SmsStore) -> None:
+    """SPEC R3.2 when sending, not only when queueing: a backlog or a retry after 21:00 waits."""
+    done = shanghai(2026, 11, 23, 20, 58)
+    complete(store, "M-1", done)
+    invite(sms, done + timedelta(minutes=1, seconds=30))  # queued at 20:59:30
+    assert sms.claim_messages("a", 10, lease=60, now=shanghai(2026, 11, 23, 21, 0, 5)) == []
+    invitation_id = rows(store, messages)[0]["id"]
+    at_night = shanghai(2026, 11, 23, 21, 0, 5)
+    rated = sms.store_reply("13800138000", "10690012345", "2".encode("utf-16-be"), 8, now=at_night)
+    assert rated.status == "rated"  # the citizen's own message gets its answer at once (R3.7a)
+    claimed = sms.claim_messages("a", 10, lease=60, now=shanghai(2026, 11, 23, 21, 0, 10))
+    [answer] = claimed
+    assert answer.id != invitation_id
+    morning = sms.claim_messages("b", 10, lease=60, now=shanghai(2026, 11, 24, 8, 0))
+    assert invitation_id in {m.id for m in morning}
 
 
 def test_a_late_answer_to_an_attempt_a_receipt_failed_completes_nothing(store: Store, sms: SmsStore) -> None:
@@ -278,7 +305,7 @@ def test_a_late_answer_to_an_attempt_a_receipt_failed_completes_nothing(store: S
     sms.fail_attempts({out.id: "ESME_RTHROTTLED"}, attempts={out.id: 0})
     [message] = rows(store, messages)
     assert (message["status"], message["attempts"]) == ("queued", 1)
-    [retry] = sms.claim_messages("a", 10, lease=60, now=datetime.now(UTC) + timedelta(hours=1))
+    [retry] = sms.claim_messages("a", 10, lease=60, now=DAYTIME + timedelta(hours=1))
     assert retry.attempt == 1 and retry.acknowledged == frozenset()
 
 
@@ -372,7 +399,7 @@ def test_never_invited_or_closed_window_records_nothing(store: Store, sms: SmsSt
     complete(store, "M-1", done)
     invite(sms, done + timedelta(minutes=2))
     with store.engine.begin() as connection:
-        connection.execute(update(invitations).values(closes_at=datetime.now(UTC) - timedelta(seconds=1)))
+        connection.execute(update(invitations).values(closes_at=DAYTIME - timedelta(seconds=1)))
     assert reply(sms, "5") == "closed"
     assert rows(store, ratings) == []
     answers = [m for m in rows(store, messages) if m["kind"] == "answer"]
