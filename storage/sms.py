@@ -973,12 +973,13 @@ class SmsStore:
         if invitation is None:
             return ReplyWindow.NOT_INVITED, "not_invited"
         rated = connection.execute(
-            select(ratings.c.id)
+            select(ratings.c.is_default)
             .where(ratings.c.service_record_id == invitation["service_record_id"], ratings.c.is_attempt.is_(False))
             .limit(1)
         ).first()
         if rated is not None:
-            return ReplyWindow.ALREADY_RATED, "already_rated"
+            # The default rating at the window's end (R3.4) is not the citizen's: the window closed.
+            return (ReplyWindow.CLOSED, "closed") if rated.is_default else (ReplyWindow.ALREADY_RATED, "already_rated")
         closes_at = invitation["closes_at"]  # None: its first step waits for the calendar, still open
         if invitation["status"] not in OPEN_STATUSES or (closes_at is not None and closes_at <= now):
             return ReplyWindow.CLOSED, "closed"

@@ -107,6 +107,9 @@ def test_invitation_within_a_minute_then_one_reminder_then_the_default(store: St
     assert len(rows(store, outbox)) == 1  # pushed like any rating (R3.4, R7.1)
     assert rows(store, invitations)[0]["status"] == "closed"
     assert sms.run_due_steps(now=shanghai(2026, 12, 30, 10, 0)) == type(sms.run_due_steps())()
+    # A late reply is told the window closed (R3.6), not that the citizen "already rated".
+    late = sms.store_reply("13800138000", "10690012345", "2".encode("utf-16-be"), 8, now=shanghai(2026, 12, 1, 9, 0))
+    assert late.status == "closed"
 
 
 def test_a_window_in_a_year_the_calendar_does_not_know_waits_and_stops_nothing_else(
