@@ -59,6 +59,7 @@ _BY_STAT_TEXT = {
     "DELETED": DeliveryState.DELETED,
     "UNDELIV": DeliveryState.UNDELIVERABLE,
     "UNDELIVERABLE": DeliveryState.UNDELIVERABLE,
+    "UNDELIVERED": DeliveryState.UNDELIVERABLE,
     "ACCEPTD": DeliveryState.ACCEPTED,
     "ACCEPTED": DeliveryState.ACCEPTED,
     "UNKNOWN": DeliveryState.UNKNOWN,
@@ -67,7 +68,9 @@ _BY_STAT_TEXT = {
 }
 
 _ID_FIELD = re.compile(rb"(?:^|\s)id:\s*([0-9A-Za-z\-_]{1,64})", re.IGNORECASE)
-_STAT_FIELD = re.compile(rb"(?:^|\s)stat:\s*([A-Za-z]{5,13})", re.IGNORECASE)
+_STAT_FIELD = re.compile(rb"(?:^|\s)stat:\s*([A-Za-z]{2}:[0-9A-Za-z]{1,6}|[A-Za-z]{2,13})", re.IGNORECASE)
+#: A Chinese carrier's gateway code relayed from CMPP (MK:0005, DB:0141, MA:0001): not delivered.
+_CARRIER_CODE = re.compile(r"[A-Z]{2}:[0-9A-Z]{1,6}")
 _ERR_FIELD = re.compile(rb"(?:^|\s)err:\s*([0-9A-Za-z]{1,8})", re.IGNORECASE)
 
 
@@ -94,13 +97,22 @@ def parse_receipt(
         found = _ID_FIELD.search(short_message)
         message_id = found.group(1).decode("ascii") if found else ""
     state = _BY_MESSAGE_STATE.get(message_state) if message_state is not None else None
+    stat = ""
     if state is None:
         found = _STAT_FIELD.search(short_message)
-        state = _BY_STAT_TEXT.get(found.group(1).decode("ascii").upper()) if found else None
+        stat = found.group(1).decode("ascii").upper() if found else ""
+        if stat in _BY_STAT_TEXT:
+            state = _BY_STAT_TEXT[stat]
+        elif _CARRIER_CODE.fullmatch(stat):
+            state = DeliveryState.UNDELIVERABLE
+        elif stat:  # a word no table lists: kept as unknown (not final), with the word, not dropped
+            state = DeliveryState.UNKNOWN
     if not message_id:
         raise UnreadableReceipt("the receipt names no message id (no receipted_message_id, no id: field)")
     if state is None:
-        raise UnreadableReceipt("the receipt names no state (no message_state, no known stat: field)")
+        raise UnreadableReceipt("the receipt names no state (no message_state, no stat: field)")
+    if stat and stat not in _BY_STAT_TEXT:  # the carrier's code or the unknown word says most
+        return Receipt(message_id, state, stat)
     error = _ERR_FIELD.search(short_message)
     return Receipt(message_id, state, error.group(1).decode("ascii") if error else None)
 
