@@ -328,12 +328,12 @@ class SmsStore:
         since = now - self.settings.schedule.caps.longest_window
         history: dict[str, list[SentMessage]] = {}
         rows = connection.execute(
-            select(m.phone_hash, m.created_at, m.body).where(
+            select(m.phone_hash, m.created_at, m.send_after, m.body).where(
                 m.phone_hash.in_(list(hashes)), m.direction == "out", m.created_at >= since
             )
         )
-        for phone_hash, created_at, body in rows:
-            history.setdefault(phone_hash, []).append(SentMessage(created_at, body))
+        for phone_hash, created_at, send_after, body in rows:  # a deferred message counts when it goes
+            history.setdefault(phone_hash, []).append(SentMessage(max(created_at, send_after or created_at), body))
         return history
 
     def _queue(
@@ -348,6 +348,7 @@ class SmsStore:
         source: str,
         priority: int,
         now: datetime,
+        send_after: datetime | None = None,
     ) -> int:
         return int(
             connection.execute(
@@ -360,7 +361,7 @@ class SmsStore:
                     body=body,
                     status="queued",
                     attempts=0,
-                    send_after=now,
+                    send_after=send_after or now,
                     priority=priority,
                     source_addr=source,
                     created_at=now,
@@ -933,6 +934,9 @@ class SmsStore:
                 connection.execute(
                     update(invitations).where(invitations.c.id == invitation_id).values(clarified_at=now)
                 )
+            # Answers count against the per-number caps too (R3.10): an auto-responder that
+            # keeps replying gets its answers deferred, never dropped.
+            sent = self._history(connection, [phone_hash], now).get(phone_hash, [])
             self._queue(
                 connection,
                 invitation_id=invitation_id,
@@ -943,6 +947,7 @@ class SmsStore:
                 source=self.settings.source_for(invitation["extension_code"] if invitation is not None else None),
                 priority=PRIORITY_ANSWER,
                 now=now,
+                send_after=self.settings.schedule.caps.earliest(sent, now, answer),
             )
         log.info("event=sms.reply outcome=%s answered=%s", status, answer is not None)
         return ReplyOutcome(status, answered=answer is not None)

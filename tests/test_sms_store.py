@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 import time
 from datetime import UTC, datetime, timedelta
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -369,6 +370,29 @@ def test_reply_digit_with_comment_becomes_an_sms_rating_and_is_thanked_first(sto
     assert len(rows(store, ratings)) == 1
     assert rows(store, invitations)[0]["status"] == "rated"
     assert sms.run_due_steps(now=done + timedelta(days=2)).reminders == 0  # no reminder once rated
+
+
+def test_answers_to_a_number_that_keeps_replying_are_deferred_by_the_caps_not_dropped(
+    store: Store, sms: SmsStore
+) -> None:
+    """SPEC R3.10: an auto-responder answering every message must not make the gateway exceed the
+    carrier's caps (3 a minute; the same content once a day)."""
+    done = shanghai(2026, 11, 23, 10, 0)
+    complete(store, "M-1", done)
+    invite(sms, done + timedelta(minutes=2))
+    start = done + timedelta(minutes=5)
+    texts = ["2", "2 好", "2 谢谢", "2 很好", "2 棒", "2 赞"]  # different texts: none is a repeat (R3.7a)
+    outcomes = [
+        sms.store_reply("13800138000", "10690012345", text.encode("utf-16-be"), 8, now=start + timedelta(seconds=n))
+        for n, text in enumerate(texts)
+    ]
+    assert [o.status for o in outcomes] == ["rated"] + ["already_rated"] * 5
+    answers = rows(store, messages, messages.c.kind == "answer")
+    assert len(answers) == sum(o.answered for o in outcomes)  # deferred, none dropped
+    due_at_once = [a for a in answers if a["send_after"] < start + timedelta(minutes=1)]
+    assert len(due_at_once) <= 3
+    same = sorted(a["send_after"] for a in answers if a["body"] == answers[1]["body"])
+    assert all(later - earlier >= timedelta(days=1) for earlier, later in pairwise(same))
 
 
 def test_unclear_reply_gets_one_clarification(store: Store, sms: SmsStore) -> None:
