@@ -142,6 +142,7 @@ class SmsStore:
                 or_(s.kind == "matter", s.unrated_reason.is_not(None)),
                 ~exists().where(i.service_record_id == s.id, i.channel == SMS),
                 ~exists().where(r.service_record_id == s.id, r.is_attempt.is_(False)),
+                ~_batch_rated(s.batch_id),
             )
             .order_by(s.updated_at)
             .limit(limit)
@@ -216,6 +217,11 @@ class SmsStore:
                         ratings.c.service_record_id.in_(record_ids), ratings.c.is_attempt.is_(False)
                     )
                 ).scalars()
+            )
+            # R1.6: the citizen's rating of one item of a batch rates every item: no reminder,
+            # and no default rating that would stand for the other items instead of theirs.
+            rated.update(
+                connection.execute(select(s.id).where(s.id.in_(record_ids), _batch_rated(s.batch_id))).scalars()
             )
             hashes = {row["mobile_hash"] for row in rows}
             opted = set(
@@ -1040,6 +1046,18 @@ def _driver_time(connection: Connection, moment: datetime) -> Any:
     if connection.dialect.name == "sqlite":
         return naive.strftime("%Y-%m-%d %H:%M:%S.%f")
     return naive
+
+
+def _batch_rated(batch_id: Any) -> Any:
+    """SQL: a citizen (not the default) gave a counted rating to an item of this batch (R1.6)."""
+    sibling = service_records.alias("batch_item")
+    return exists().where(
+        batch_id.is_not(None),
+        sibling.c.batch_id == batch_id,
+        ratings.c.service_record_id == sibling.c.id,
+        ratings.c.is_attempt.is_(False),
+        ratings.c.is_default.is_(False),
+    )
 
 
 def _chunks(values: Sequence[Any], size: int = 500) -> Iterable[list[Any]]:

@@ -395,6 +395,27 @@ def test_answers_to_a_number_that_keeps_replying_are_deferred_by_the_caps_not_dr
     assert all(later - earlier >= timedelta(days=1) for earlier, later in pairwise(same))
 
 
+def test_a_rating_of_one_batch_item_rates_the_batch_no_reminder_no_default_for_the_others(
+    store: Store, sms: SmsStore
+) -> None:
+    """SPEC R1.6: one rating applies to every item of a batch; a default for the other items would
+    stand in for the citizen's own rating (and be pushed) instead."""
+    done = shanghai(2026, 11, 23, 10, 0)
+    first, *_ = [complete(store, f"B-{n}", done, batch_id="BATCH-1") for n in range(3)]
+    invite(sms, done + timedelta(minutes=2))
+    assert len(rows(store, invitations)) == 3
+    code = next(row["extension_code"] for row in rows(store, invitations) if row["service_record_id"] == first)
+    at = done + timedelta(hours=1)
+    assert sms.store_reply("13800138000", "10690012345" + code, "4".encode("utf-16-be"), 8, now=at).status == "rated"
+    steps = sms.run_due_steps(now=done + timedelta(hours=25))
+    assert steps.reminders == 0 and steps.done == 2
+    assert sms.run_due_steps(now=shanghai(2026, 12, 1, 10, 0)).defaults == 0
+    assert [(r["service_record_id"], r["is_default"]) for r in rows(store, ratings)] == [(first, False)]
+    late_item = complete(store, "B-3", done + timedelta(hours=2), batch_id="BATCH-1")
+    sms.create_invitations(EPOCH, now=done + timedelta(hours=3))
+    assert late_item not in {row["service_record_id"] for row in rows(store, invitations)}
+
+
 def test_unclear_reply_gets_one_clarification(store: Store, sms: SmsStore) -> None:
     done = shanghai(2026, 11, 23, 10, 0)
     complete(store, "M-1", done)
