@@ -128,8 +128,9 @@ class SmsStore:
         """Give one SMS invitation to each record completed without a rating, updated since ``since``.
 
         Eligible: a matter with a completion time, or a hotline call that ended not rated
-        (SPEC R2.3), with a mobile number. Returns the latest ``updated_at`` seen, for the next
-        call's ``since`` (callers keep a margin for transactions that commit late).
+        (SPEC R2.3). One without a mobile number gets no SMS, only the default rating when its
+        window ends (R3.4). Returns the latest ``updated_at`` seen, for the next call's
+        ``since`` (callers keep a margin for transactions that commit late).
         """
         now = now or utcnow()
         s, i, r = service_records.c, invitations.c, ratings.c
@@ -138,7 +139,6 @@ class SmsStore:
             .where(
                 s.updated_at >= since,
                 s.completed_at.is_not(None),
-                s.mobile_hash.is_not(None),
                 or_(s.kind == "matter", s.unrated_reason.is_not(None)),
                 ~exists().where(i.service_record_id == s.id, i.channel == SMS),
                 ~exists().where(r.service_record_id == s.id, r.is_attempt.is_(False)),
@@ -263,9 +263,10 @@ class SmsStore:
                 return "deferred"
             connection.execute(update(invitations).where(where).values(closes_at=closes))
             row = {**row, "closes_at": closes}
-        phone = self.store.protector.decrypt(row["mobile_enc"])
-        # A land line cannot get an SMS: no sends, only the default at the window's end (R3.4).
-        no_sms = row["mobile_hash"] in opted or not is_mobile(phone)
+        phone = self.store.protector.decrypt(row["mobile_enc"]) if row["mobile_enc"] is not None else None
+        # A land line, or no number at all, cannot get an SMS: no sends, only the default at the
+        # window's end (R3.4 holds for every completed service, whatever it can be asked by).
+        no_sms = phone is None or row["mobile_hash"] in opted or not is_mobile(phone)
         state = InvitationState(
             completed_at=row["completed_at"],
             closes_at=row["closes_at"],

@@ -154,9 +154,9 @@ def test_spring_festival_moves_the_window_past_the_holiday(store: Store, sms: Sm
     assert closes == shanghai(2026, 2, 27, 16, 0)
 
 
-def test_only_unrated_completed_records_with_a_mobile_are_invited(store: Store, sms: SmsStore) -> None:
+def test_only_unrated_completed_records_are_invited(store: Store, sms: SmsStore) -> None:
     done = shanghai(2026, 11, 23, 10, 0)
-    complete(store, "M-no-phone", done, phone=None)
+    no_phone = complete(store, "M-no-phone", done, phone=None)  # gets the default only, below
     store.upsert_service_records([ServiceRecordInput(id="M-open", kind=ServiceKind.MATTER, mobile=PHONE)])
     rated = complete(store, "M-rated", done)
     with store.engine.begin() as connection:
@@ -174,15 +174,22 @@ def test_only_unrated_completed_records_with_a_mobile_are_invited(store: Store, 
     invited = {row["service_record_id"] for row in rows(store, invitations)}
     with store.engine.connect() as connection:
         call_record = connection.execute(select(service_records.c.id).where(service_records.c.call_id == call)).scalar()
-    assert invited == {call_record}
+    assert invited == {call_record, no_phone}
 
 
-def test_a_land_line_gets_no_sms_but_the_default_rating(store: Store, sms: SmsStore) -> None:
+@pytest.mark.parametrize("phone", ["+861012345678", None], ids=["land line", "no number"])
+def test_a_record_that_cannot_get_an_sms_gets_the_default_rating(
+    store: Store, sms: SmsStore, phone: str | None
+) -> None:
+    """SPEC R3.4 holds for every completed service, whatever it can be asked by."""
     done = shanghai(2026, 11, 23, 10, 0)
-    complete(store, "M-land", done, phone="+861012345678")
+    complete(store, "M-land", done, phone=phone)
     invite(sms, done + timedelta(minutes=2))
+    assert sms.run_due_steps(now=done + timedelta(days=2)).reminders == 0
     assert rows(store, messages) == []
     assert sms.run_due_steps(now=shanghai(2026, 11, 30, 10, 0)).defaults == 1
+    [rating] = rows(store, ratings)
+    assert rating["is_default"] and rating["level"] == int(Level.BASICALLY_SATISFIED)
 
 
 def test_claim_ack_and_receipts_per_part(store: Store, sms: SmsStore) -> None:
