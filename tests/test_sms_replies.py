@@ -145,6 +145,8 @@ REPLIES: list[tuple[str, Expected]] = [
     ("2024年", unclear(NO_LEVEL)),
     ("第3个窗口", unclear(NO_LEVEL)),
     ("给5分", unclear(NO_LEVEL)),  # a score, not key 5
+    ("基本上满意", rated("基本满意")),  # not 满意 found inside it
+    ("还算满意吧", rated("基本满意", "吧")),
     ("5 分", unclear(NO_LEVEL)),  # a unit after a space is still a unit
     ("５ 分", unclear(NO_LEVEL)),
     ("5 星", unclear(NO_LEVEL)),

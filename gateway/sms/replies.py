@@ -54,7 +54,7 @@ DEFAULT_SYNONYMS: Mapping[str, Level] = MappingProxyType(
     {
         **dict.fromkeys(["很满意", "特别满意", "十分满意", "非常非常满意"], Level.VERY_SATISFIED),
         **dict.fromkeys(["比较满意", "挺满意", "好评"], Level.SATISFIED),
-        **dict.fromkeys(["一般", "还行"], Level.BASICALLY_SATISFIED),
+        **dict.fromkeys(["一般", "还行", "基本上满意", "还算满意", "算是满意"], Level.BASICALLY_SATISFIED),
         **dict.fromkeys(
             ["不太满意", "不大满意", "不怎么满意", "不是很满意", "不够满意", "差劲", "差评"], Level.DISSATISFIED
         ),
