@@ -68,6 +68,8 @@ REPEAT_WINDOW = timedelta(minutes=30)
 REASSEMBLY_TIMEOUT = timedelta(minutes=30)
 #: How often an invitation whose window's year the calendar does not know yet looks again.
 CALENDAR_RETRY = timedelta(hours=1)
+#: How often an invitation of a record without a number looks for one, until its window ends.
+NO_NUMBER_RECHECK = timedelta(hours=1)
 
 
 @dataclass(frozen=True)
@@ -279,6 +281,11 @@ class SmsStore:
         content = self._text(kind, row)
         sent = history.setdefault(row["mobile_hash"], [])
         action = next_action(state, now, self.settings.schedule, sent, content)
+        if phone is None and not isinstance(action, Done) and action.at > now + NO_NUMBER_RECHECK:
+            # No number yet: the record may get one in a later update (the intake fills fields
+            # in), and then its invitation is still due; look again until the window ends.
+            connection.execute(update(invitations).where(where).values(next_step_at=now + NO_NUMBER_RECHECK))
+            return "deferred"
         if isinstance(action, Done):
             connection.execute(update(invitations).where(where).values(status="rated", next_step_at=None))
             return "done"
@@ -942,7 +949,8 @@ class SmsStore:
                     update(invitations).where(invitations.c.id == invitation_id).values(clarified_at=now)
                 )
             # Answers count against the per-number caps too (R3.10): an auto-responder that
-            # keeps replying gets its answers deferred, never dropped.
+            # keeps replying gets its answers deferred, never dropped. Not the same-content cap:
+            # two thanks of one level on one day are two answers, the second not a day late.
             sent = self._history(connection, [phone_hash], now).get(phone_hash, [])
             self._queue(
                 connection,
@@ -954,7 +962,7 @@ class SmsStore:
                 source=self.settings.source_for(invitation["extension_code"] if invitation is not None else None),
                 priority=PRIORITY_ANSWER,
                 now=now,
-                send_after=self.settings.schedule.caps.earliest(sent, now, answer),
+                send_after=self.settings.schedule.caps.earliest(sent, now),
             )
         log.info("event=sms.reply outcome=%s answered=%s", status, answer is not None)
         return ReplyOutcome(status, answered=answer is not None)

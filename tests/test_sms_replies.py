@@ -158,7 +158,13 @@ REPLIES: list[tuple[str, Expected]] = [
     ("给个5", unclear(NO_LEVEL)),
     ("5 stars", unclear(NO_LEVEL)),
     ("1 星", unclear(NO_LEVEL)),  # one star is not key 1 (非常满意)
-    ("1 号窗口", unclear(NO_LEVEL)),
+    ("1 人员态度好", rated("非常满意", "人员态度好")),  # a unit after a space is a comment's first word
+    ("4 个人态度不好", rated("不满意", "个人态度不好")),
+    ("满分 5", unclear(NO_LEVEL)),
+    ("评分：5", unclear(NO_LEVEL)),
+    ("4/5", unclear(NO_LEVEL)),  # a score out of 5
+    ("2/3", unclear(SEVERAL)),
+    ("不，退订", opt_out()),  # "no; stop": the separator ends the negation
     ("10", unclear(NO_LEVEL)),
     ("8:30到的", unclear(NO_LEVEL)),
     ("出差了", unclear(NO_LEVEL)),  # 差 counts only as the whole reply

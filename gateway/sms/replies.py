@@ -15,9 +15,11 @@ How a reply is read, in order:
 4. Tokens: runs of ASCII digits, level words, separators, the rest. A digit run is a menu key
    when it is one digit or one digit repeated (``1``, ``11``); it is a number, not a key, when
    it is longer (``13800138000``, ``2024``), holds ``.`` or ``:`` (``3.5``, ``8:30``), touches a
-   Latin letter (``B1``), follows 第 or a score's lead (满分5, 给个5, 5/5) or precedes a unit, a
-   space between allowed (``3号``, ``2个``, ``5 分``, ``5星``, ``5★``, ``5 stars``: a score out of 5
-   would otherwise read as 非常不满意). Two or three different menu digits
+   Latin letter (``B1``), follows 第 or a score's lead (满分 5, 评分:5, 给个5), is a score out of
+   5 or 10 (``4/5``), or precedes a unit (``3号``, ``2个``, ``5星``, ``5★``); a score's unit may
+   follow after a space (``5 分``, ``5 stars``), other units must touch it (``1 人员态度好`` is
+   key 1 and a comment). A score out of 5 would otherwise read as 非常不满意. Two or three
+   different menu digits
    (``12``) are several keys.
 5. Level words are matched longest first, so 不满意 and 非常不满意 are found whole and never as
    满意 (the substring trap of SPEC R3.5). A word preceded in its clause by a negation
@@ -259,7 +261,13 @@ def _is_opt_out(text: str) -> bool:
     compact = "".join(char for char in folded if not _is_separator(char))
     if _OPT_OUT_WHOLE.fullmatch(compact) or _OPT_OUT_TD.search(folded):
         return True
-    return any(not compact[: match.start()].endswith(_OPT_OUT_NEGATIONS) for match in re.finditer("退订", compact))
+    if "退订" not in compact:
+        return False
+    # On the text as written, so that a separator ends the negation: 不，退订 ("no; stop") is one.
+    written = list(re.finditer("退订", folded))
+    if not written:  # 退 订, written apart
+        return True
+    return any(not folded[: match.start()].endswith(_OPT_OUT_NEGATIONS) for match in written)
 
 
 def _is_cjk(char: str) -> bool:
@@ -332,11 +340,16 @@ class _Token:
 _DIGITS = re.compile(r"[0-9]+(?:[.:][0-9]+)*")
 _LATIN = re.compile(r"[A-Za-z]+")
 _UNITS = frozenset(
-    "年月日号號时時点點分秒个個位次楼樓层層元块塊岁歲天周星颗顆人名件遍趟条條张張份本项項%‰℃万萬千百十★☆⭐/"
+    "年月日号號时時点點分秒个個位次楼樓层層元块塊岁歲天周星颗顆"  # touching the digit: 3号, 5星
+    "人名件遍趟条條张張份本项項%‰℃万萬千百十★☆⭐"
 )
-#: Before a digit, what makes it a score rather than a menu key: 满分5, 评分5, 给个5, 5/5.
-_SCORE_LEADS = frozenset("分个個/")
+#: Touching a digit before it, what makes it a score rather than a menu key: 给个5, 打个5.
+_SCORE_LEADS = frozenset("个個")
+#: Units of a score, which may follow the digit after a space ("5 分"); other units must touch
+#: it ("1 人员态度好" is key 1 and a comment).
+_SCORE_UNITS = frozenset("分星颗顆★☆⭐")
 _LATIN_UNITS = ("star", "point", "pts", "pt ")
+_OUT_OF = re.compile(r"/(?:5|10)(?![0-9])")
 _UNIT_WORDS = ("小时", "小時")
 _NEGATIONS = frozenset("不没沒未无無别別")
 _NEGATION_REACH = 4  # characters before a level word, within its clause
@@ -382,18 +395,22 @@ def _tokenise(text: str, rules: ReplyRules) -> list[_Token]:
 def _digit_token(text: str, start: int, end: int, key_map: KeyMap) -> _Token:
     run = text[start:end]
     before = text[start - 1] if start else ""
-    touching = text[end : end + 1]
-    following = text[end:].lstrip(" \t")  # a unit may follow a space: "5 分", "1 号窗口", "5 stars"
-    after = following[:2]
+    after = text[end : end + 2]
+    spaced = text[end:].lstrip(" \t")  # only a score's unit may stand after a space: "5 分", "5 stars"
+    lead = text[:start].rstrip(" \t:")[-1:]  # 满分 5, 评分:5
     is_number = (
         not run.isdigit()  # 3.5, 8:30
         or (before.isascii() and before.isalpha())
-        or (touching.isascii() and touching.isalpha())  # B1, 1A: a code
-        or following[:5].lower().startswith(_LATIN_UNITS)  # 5 stars, 5 points
+        or (after[:1].isascii() and after[:1].isalpha())  # B1, 1A: a code
         or before == "第"  # 第3个窗口
-        or before in _SCORE_LEADS  # 满分5, 给个5: a score out of 5 would read as 非常不满意
+        or before in _SCORE_LEADS  # 给个5, 打个5
+        or lead == "分"  # 满分5, 评分:5: a score out of 5 would read as 非常不满意
         or after[:1] in _UNITS
-        or after.startswith(_UNIT_WORDS)  # 3号, 2个小时, 5分, 5星, 5★, 5/5
+        or after.startswith(_UNIT_WORDS)  # 3号, 2个小时, 5分, 5星, 5★
+        or spaced[:1] in _SCORE_UNITS
+        or spaced[:5].lower().startswith(_LATIN_UNITS)  # 5 stars, 5 points
+        or _OUT_OF.match(text, end) is not None  # 4/5, 8/10: a score out of 5 or 10
+        or (before == "/" and text[start - 2 : start - 1].isdigit() and run in ("5", "10"))
     )
     different = sorted(set(run))
     if is_number or (len(different) > 1 and len(run) > 3):
