@@ -200,6 +200,22 @@ def applies_to(rated: RatedItem, items: Iterable[RatedItem]) -> list[str]:
     return sorted(covered)
 
 
+def rating_group(batch_id: str | None, theme_id: str | None) -> tuple[str, str] | None:
+    """The group a citizen is asked to rate as one service (SPEC R1.6), or None for a lone record.
+
+    A theme (主题式"一件事") is asked for its overall rating, which covers every matter of it,
+    batches included; otherwise a batch (批量业务) is asked once, its rating covering every item.
+
+    >>> rating_group("B-1", "T-1"), rating_group("B-1", None), rating_group(None, None)
+    (('theme', 'T-1'), ('batch', 'B-1'), None)
+    """
+    if theme_id:
+        return ("theme", theme_id)
+    if batch_id:
+        return ("batch", batch_id)
+    return None
+
+
 @dataclass(frozen=True)
 class GivenRating:
     """A rating as given, for :func:`effective_levels`: on one record, or overall on a theme."""

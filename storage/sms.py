@@ -2,8 +2,9 @@
 
 Every step is one short transaction, run in a worker thread (:mod:`storage.deferred`):
 
-- :meth:`SmsStore.create_invitations` finds completed, unrated records with a mobile and gives
-  each one invitation (SPEC R3.1); a unique index makes two instances' races harmless.
+- :meth:`SmsStore.create_invitations` finds completed, unrated records and gives each one
+  invitation (SPEC R3.1), one for a whole batch or theme (R1.6); a unique index and an
+  advisory lock on PostgreSQL make two instances' races harmless.
 - :meth:`SmsStore.run_due_steps` takes the invitations whose next step is due, row-locked
   (``FOR UPDATE SKIP LOCKED`` on PostgreSQL), and queues the invitation or the reminder or
   records the default rating, as :func:`gateway.sms.schedule.next_action` says (R3.2–R3.4).
@@ -29,7 +30,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from gateway.privacy import InvalidPhoneNumber, normalise_phone
-from gateway.rating import Channel
+from gateway.rating import Channel, rating_group
 from gateway.sms import text as sms_text
 from gateway.sms.receipts import DeliveryState, candidate_ids, normalise_message_id
 from gateway.sms.replies import OptOut, Rating, ReplyWindow, Unclear, answer_text, parse_reply
@@ -127,17 +128,19 @@ class SmsStore:
     # -- the schedule (SPEC R3.1-R3.4) -----------------------------------------------------------
 
     def create_invitations(self, since: datetime, *, now: datetime | None = None, limit: int = 2000) -> datetime:
-        """Give one SMS invitation to each record completed without a rating, updated since ``since``.
+        """Give one SMS invitation to each service completed without a rating, updated since ``since``.
 
         Eligible: a matter with a completion time, or a hotline call that ended not rated
         (SPEC R2.3). One without a mobile number gets no SMS, only the default rating when its
-        window ends (R3.4). Returns the latest ``updated_at`` seen, for the next call's
+        window ends (R3.4). A batch (批量业务) or a theme (主题式"一件事") is one service to the
+        citizen (R1.6): one invitation for all its items, made for the first of them completed,
+        and none once it is rated. Returns the latest ``updated_at`` seen, for the next call's
         ``since`` (callers keep a margin for transactions that commit late).
         """
         now = now or utcnow()
         s, i, r = service_records.c, invitations.c, ratings.c
         eligible = (
-            select(s.id, s.completed_at, s.updated_at)
+            select(s.id, s.completed_at, s.updated_at, s.batch_id, s.theme_id)
             .where(
                 s.updated_at >= since,
                 s.completed_at.is_not(None),
@@ -145,18 +148,28 @@ class SmsStore:
                 ~exists().where(i.service_record_id == s.id, i.channel == SMS),
                 ~exists().where(r.service_record_id == s.id, r.is_attempt.is_(False)),
                 ~_batch_rated(s.batch_id),
+                ~_theme_rated_overall(s.theme_id),
+                ~_group_invited(s),
             )
-            .order_by(s.updated_at)
+            .order_by(s.updated_at, s.id)
             .limit(limit)
         )
         latest = since
         with self.store.engine.begin() as connection:
+            # Two instances must not each invite another item of one batch or theme.
+            self._lock(connection, "hcp-sms-invitations")
             rows = connection.execute(eligible).all()
             if not rows:
                 return since
             values = []
-            for record_id, completed_at, updated_at in rows:
+            groups: set[tuple[str, str]] = set()
+            for record_id, completed_at, updated_at, batch_id, theme_id in rows:
                 latest = max(latest, updated_at)
+                group = rating_group(batch_id, theme_id)
+                if group is not None:
+                    if group in groups:
+                        continue
+                    groups.add(group)
                 send_after = completed_at + self.settings.schedule.invite_delay
                 values.append(
                     {
@@ -199,6 +212,8 @@ class SmsStore:
                 s.matter_name,
                 s.mobile_enc,
                 s.mobile_hash,
+                s.batch_id,
+                s.theme_id,
             )
             .join(service_records, s.id == i.service_record_id)
             .where(i.channel == SMS, i.status.in_(OPEN_STATUSES), i.next_step_at <= now)
@@ -225,12 +240,27 @@ class SmsStore:
             rated.update(
                 connection.execute(select(s.id).where(s.id.in_(record_ids), _batch_rated(s.batch_id))).scalars()
             )
+            # A theme's invitation asks for its overall rating: answered by one, or once every
+            # matter was rated on its own; a rating of the invited matter alone does not answer it.
+            themes = {row["theme_id"] for row in rows if row["theme_id"]}
+            overall = self._themes_rated_overall(connection, themes)
+            open_matters = self._open_theme_matters(connection, themes)
+            for row in rows:
+                if row["theme_id"]:
+                    if row["theme_id"] in overall or row["theme_id"] not in open_matters:
+                        rated.add(row["service_record_id"])
+                    else:
+                        rated.discard(row["service_record_id"])
+            sizes = self._group_sizes(connection, rows)
             hashes = {row["mobile_hash"] for row in rows}
             opted = set(
                 connection.execute(select(opt_outs.c.phone_hash).where(opt_outs.c.phone_hash.in_(hashes))).scalars()
             )
             history = self._history(connection, hashes, now)
             for row in rows:
+                group = rating_group(row["batch_id"], row["theme_id"])
+                items = sizes.get(group, 1) if group else 1
+                row = {**row, "items": items, "open_matter": open_matters.get(row["theme_id"])}
                 counts[self._step(connection, row, row["service_record_id"] in rated, opted, history, now)] += 1
         return StepCounts(**counts)
 
@@ -293,14 +323,16 @@ class SmsStore:
             connection.execute(update(invitations).where(where).values(next_step_at=action.at))
             return "deferred"
         if isinstance(action, RecordDefaultRating):
+            # A theme's default is its overall rating, kept on a matter not rated on its own (R1.6).
             self.store.add_rating(
                 connection,
-                service_record_id=row["service_record_id"],
+                service_record_id=row["open_matter"] if row["theme_id"] else row["service_record_id"],
                 level=action.level,
                 channel=Channel.SYSTEM,
                 raw_input=None,
                 rated_at=action.at,
                 is_default=True,
+                overall=bool(row["theme_id"]),
             )
             connection.execute(update(invitations).where(where).values(status="closed", next_step_at=None))
             log.info("event=sms.default_rating invitation=%s", row["id"])
@@ -334,7 +366,58 @@ class SmsStore:
             matter_name=row["matter_name"],
             closes_at=row["closes_at"],
             key_map=self.settings.rules.key_map,
+            items=row.get("items", 1),
+            theme=bool(row.get("theme_id")),
         )
+
+    def _themes_rated_overall(self, connection: Connection, theme_ids: Collection[str]) -> dict[str, bool]:
+        """theme → whether its counted overall rating (SPEC R1.6) is the default one (R3.4)."""
+        s, r = service_records.c, ratings.c
+        found: dict[str, bool] = {}
+        for chunk in _chunks(sorted(theme_ids)):
+            query = (
+                select(s.theme_id, r.is_default)
+                .join(ratings, r.service_record_id == s.id)
+                .where(s.theme_id.in_(chunk), r.overall.is_(True), r.is_attempt.is_(False))
+            )
+            for theme_id, is_default in connection.execute(query):
+                found[theme_id] = bool(is_default)
+        return found
+
+    def _open_theme_matters(self, connection: Connection, theme_ids: Collection[str]) -> dict[str, int]:
+        """theme → its first completed matter with no counted rating: where an overall rating is kept.
+
+        A theme none of whose matters is left is rated matter by matter (R1.6): not in the result.
+        """
+        s, r = service_records.c, ratings.c
+        found: dict[str, int] = {}
+        for chunk in _chunks(sorted(theme_ids)):
+            query = (
+                select(s.theme_id, func.min(s.id))
+                .where(
+                    s.theme_id.in_(chunk),
+                    s.completed_at.is_not(None),
+                    ~exists().where(r.service_record_id == s.id, r.is_attempt.is_(False)),
+                )
+                .group_by(s.theme_id)
+            )
+            found.update({theme_id: int(pk) for theme_id, pk in connection.execute(query)})
+        return found
+
+    def _group_sizes(self, connection: Connection, rows: Iterable[Any]) -> dict[tuple[str, str], int]:
+        """How many records each row's batch or theme holds, for the invitation's wording (R1.6)."""
+        s = service_records.c
+        wanted: dict[str, set[str]] = {"batch": set(), "theme": set()}
+        for row in rows:
+            group = rating_group(row["batch_id"], row["theme_id"])
+            if group is not None:
+                wanted[group[0]].add(group[1])
+        sizes: dict[tuple[str, str], int] = {}
+        for kind, column in (("batch", s.batch_id), ("theme", s.theme_id)):
+            for chunk in _chunks(sorted(wanted[kind])):
+                query = select(column, func.count()).where(column.in_(chunk)).group_by(column)
+                sizes.update({(kind, key): int(count) for key, count in connection.execute(query)})
+        return sizes
 
     def _history(self, connection: Connection, hashes: Iterable[str], now: datetime) -> dict[str, list[SentMessage]]:
         """Messages to each number within the caps' longest window (SPEC R3.10)."""
@@ -859,9 +942,13 @@ class SmsStore:
         per sender (a transaction-level advisory lock) makes the second wait for the first's
         commit. SQLite has one writer at a time already (``BEGIN IMMEDIATE``).
         """
+        self._lock(connection, f"hcp-sms-reply:{phone_hash}")
+
+    def _lock(self, connection: Connection, name: str) -> None:
+        """A transaction-level advisory lock on PostgreSQL (SQLite has one writer at a time)."""
         if self.store.is_sqlite:
             return
-        key = int.from_bytes(hashlib.sha256(f"hcp-sms-reply:{phone_hash}".encode()).digest()[:8], "big", signed=True)
+        key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
         connection.execute(select(func.pg_advisory_xact_lock(key)))
 
     def _whole_message(
@@ -915,14 +1002,19 @@ class SmsStore:
                 connection.execute(insert(opt_outs).values(phone_hash=phone_hash, channel=SMS, created_at=now))
         elif isinstance(parsed, Rating) and window is ReplyWindow.OPEN:
             assert invitation is not None
+            # A theme's invitation asks for its overall rating (R1.6), kept on a matter of the
+            # theme that has no rating of its own (the invited one may have been rated since).
+            theme_id = invitation["theme_id"]
+            target = self._open_theme_matters(connection, [theme_id]).get(theme_id) if theme_id else None
             _, _, counted = self.store.add_rating(
                 connection,
-                service_record_id=invitation["service_record_id"],
+                service_record_id=target or invitation["service_record_id"],
                 level=parsed.level,
                 channel=Channel.SMS,
                 raw_input=parsed.raw[:500],
                 rated_at=now,
                 comment=parsed.comment or None,
+                overall=target is not None,
             )
             if counted:
                 connection.execute(
@@ -971,7 +1063,7 @@ class SmsStore:
         """The invitation a reply answers: by extension code, else the most recent open one (R3.6)."""
         i, s = invitations.c, service_records.c
         base = (
-            select(i.id, i.service_record_id, i.status, i.closes_at, i.clarified_at, i.extension_code)
+            select(i.id, i.service_record_id, i.status, i.closes_at, i.clarified_at, i.extension_code, s.theme_id)
             .join(service_records, s.id == i.service_record_id)
             .where(i.channel == SMS, s.mobile_hash == phone_hash, i.sent_at.is_not(None))
         )
@@ -992,14 +1084,22 @@ class SmsStore:
     def _window(self, connection: Connection, invitation: Any, now: datetime) -> tuple[ReplyWindow, str]:
         if invitation is None:
             return ReplyWindow.NOT_INVITED, "not_invited"
-        rated = connection.execute(
-            select(ratings.c.is_default)
-            .where(ratings.c.service_record_id == invitation["service_record_id"], ratings.c.is_attempt.is_(False))
-            .limit(1)
-        ).first()
-        if rated is not None:
+        theme_id = invitation["theme_id"]
+        if theme_id:  # asked for the theme's overall rating (R1.6)
+            overall = self._themes_rated_overall(connection, [theme_id])
+            is_default = overall.get(theme_id)
+            if is_default is None and theme_id not in self._open_theme_matters(connection, [theme_id]):
+                is_default = False  # every matter was rated on its own
+        else:
+            rated = connection.execute(
+                select(ratings.c.is_default)
+                .where(ratings.c.service_record_id == invitation["service_record_id"], ratings.c.is_attempt.is_(False))
+                .limit(1)
+            ).first()
+            is_default = None if rated is None else bool(rated.is_default)
+        if is_default is not None:
             # The default rating at the window's end (R3.4) is not the citizen's: the window closed.
-            return (ReplyWindow.CLOSED, "closed") if rated.is_default else (ReplyWindow.ALREADY_RATED, "already_rated")
+            return (ReplyWindow.CLOSED, "closed") if is_default else (ReplyWindow.ALREADY_RATED, "already_rated")
         closes_at = invitation["closes_at"]  # None: its first step waits for the calendar, still open
         if invitation["status"] not in OPEN_STATUSES or (closes_at is not None and closes_at <= now):
             return ReplyWindow.CLOSED, "closed"
@@ -1055,6 +1155,28 @@ def _driver_time(connection: Connection, moment: datetime) -> Any:
     if connection.dialect.name == "sqlite":
         return naive.strftime("%Y-%m-%d %H:%M:%S.%f")
     return naive
+
+
+def _theme_rated_overall(theme_id: Any) -> Any:
+    """SQL: the theme has its counted overall rating (R1.6), the citizen's or the default."""
+    matter = service_records.alias("theme_matter")
+    return exists().where(
+        theme_id.is_not(None),
+        matter.c.theme_id == theme_id,
+        ratings.c.service_record_id == matter.c.id,
+        ratings.c.is_attempt.is_(False),
+        ratings.c.overall.is_(True),
+    )
+
+
+def _group_invited(record: Any) -> Any:
+    """SQL: an item of the record's theme, else of its batch, has the SMS invitation (R1.6)."""
+    item = service_records.alias("group_item")
+    same_group = or_(
+        and_(record.theme_id.is_not(None), item.c.theme_id == record.theme_id),
+        and_(record.theme_id.is_(None), record.batch_id.is_not(None), item.c.batch_id == record.batch_id),
+    )
+    return exists().where(same_group, invitations.c.service_record_id == item.c.id, invitations.c.channel == SMS)
 
 
 def _batch_rated(batch_id: Any) -> Any:

@@ -729,11 +729,13 @@ class Store:
         is_default: bool = False,
         push_after: datetime | None = None,
         record_id: str | None = None,
+        overall: bool = False,
     ) -> tuple[int, str, bool]:
         """Insert a rating; the first counts, later ones are kept as attempts (SPEC R1.4).
 
         Every counted rating goes to the outbox in the same transaction (SPEC R7.1), so a
-        stored rating is a rating that will be pushed. Returns (row id, record id, counted).
+        stored rating is a rating that will be pushed. ``overall`` marks a theme's overall
+        rating (SPEC R1.6), stored on one of its matters. Returns (row id, record id, counted).
         """
         record_id = record_id or ids.new_id("ev")
         values = {
@@ -745,6 +747,7 @@ class Store:
             "comment": comment,
             "reasons": reasons,
             "is_default": is_default,
+            "overall": overall,
             "rated_at": rated_at,
             "created_at": utcnow(),
         }

@@ -14,11 +14,13 @@ import pytest
 from sqlalchemy import func, select, update
 
 from gateway.intake import ServiceRecordInput
+from gateway.platform.records import evaluation_record
 from gateway.rating import Channel, Level, ServiceKind
 from gateway.sms.receipts import DeliveryState
 from gateway.sms.settings import SmsSettings
 from gateway.sms.text import encode_ucs2_parts
 from gateway.workdays import SHANGHAI, WorkingDayCalendar
+from storage.outbox import Outbox
 from storage.schema import invitations, message_parts, messages, opt_outs, outbox, ratings, service_records
 from storage.sms import Ack, SmsStore, concat_reference
 from storage.store import Store
@@ -414,25 +416,145 @@ def test_a_record_whose_number_comes_in_a_later_update_is_still_invited(store: S
     assert message["kind"] == "invitation" and rows(store, invitations)[0]["service_record_id"] == record
 
 
-def test_a_rating_of_one_batch_item_rates_the_batch_no_reminder_no_default_for_the_others(
-    store: Store, sms: SmsStore
-) -> None:
-    """SPEC R1.6: one rating applies to every item of a batch; a default for the other items would
-    stand in for the citizen's own rating (and be pushed) instead."""
+def test_a_batch_is_invited_once_and_its_rating_covers_every_item(store: Store, sms: SmsStore) -> None:
+    """SPEC R1.6: one rating applies to every item of a batch, so the citizen is asked once (not
+    once per item, which the same-content cap would have spread over the next days as repeats),
+    and neither a reminder nor a default stands in for the other items afterwards."""
     done = shanghai(2026, 11, 23, 10, 0)
     first, *_ = [complete(store, f"B-{n}", done, batch_id="BATCH-1") for n in range(3)]
     invite(sms, done + timedelta(minutes=2))
-    assert len(rows(store, invitations)) == 3
-    code = next(row["extension_code"] for row in rows(store, invitations) if row["service_record_id"] == first)
-    at = done + timedelta(hours=1)
-    assert sms.store_reply("13800138000", "10690012345" + code, "4".encode("utf-16-be"), 8, now=at).status == "rated"
+    [invitation] = rows(store, invitations)
+    assert invitation["service_record_id"] == first
+    [message] = rows(store, messages)
+    assert "“营业执照”事项（批量3件）已办结" in message["body"]
+    assert reply(sms, "4") == "rated"
     steps = sms.run_due_steps(now=done + timedelta(hours=25))
-    assert steps.reminders == 0 and steps.done == 2
+    assert steps.reminders == 0
     assert sms.run_due_steps(now=shanghai(2026, 12, 1, 10, 0)).defaults == 0
     assert [(r["service_record_id"], r["is_default"]) for r in rows(store, ratings)] == [(first, False)]
     late_item = complete(store, "B-3", done + timedelta(hours=2), batch_id="BATCH-1")
     sms.create_invitations(EPOCH, now=done + timedelta(hours=3))
     assert late_item not in {row["service_record_id"] for row in rows(store, invitations)}
+
+
+def test_a_batch_rated_before_its_invitation_is_not_invited(store: Store, sms: SmsStore) -> None:
+    """SPEC R1.6: a rating of any item (at the window, on the web) already rates the batch."""
+    done = shanghai(2026, 11, 23, 10, 0)
+    items = [complete(store, f"B-{n}", done, batch_id="BATCH-1") for n in range(3)]
+    with store.engine.begin() as connection:
+        store.add_rating(
+            connection, service_record_id=items[2], level=Level.SATISFIED, channel=Channel.WEB, raw_input="4",
+            rated_at=done,
+        )  # fmt: skip
+    invite(sms, done + timedelta(minutes=2))
+    assert rows(store, invitations) == [] and rows(store, messages) == []
+
+
+def test_an_unanswered_batch_gets_one_default_rating_for_all_its_items(store: Store, sms: SmsStore) -> None:
+    """R3.4 with R1.6: the default is the batch's one rating; the push says which items it covers."""
+    done = shanghai(2026, 11, 23, 10, 0)
+    first, *_ = [complete(store, f"B-{n}", done, batch_id="BATCH-1") for n in range(3)]
+    invite(sms, done + timedelta(minutes=2))
+    sms.run_due_steps(now=done + timedelta(hours=25))
+    assert sms.run_due_steps(now=shanghai(2026, 12, 1, 10, 0)).defaults == 1
+    assert [(r["service_record_id"], r["is_default"]) for r in rows(store, ratings)] == [(first, True)]
+    assert pushed_covering(store) == [["B-0", "B-1", "B-2"]]
+
+
+def pushed_covering(store: Store) -> list[list[str] | None]:
+    """The ``appliesTo`` of each rating the pusher would send now (PLATFORM.md, SPEC R1.6)."""
+    claimed = Outbox(store).claim("test", 100, lease=60)
+    return [evaluation_record(item.facts).get("appliesTo") for item in claimed]  # type: ignore[arg-type]
+
+
+def test_a_theme_is_asked_once_for_its_overall_rating(store: Store, sms: SmsStore) -> None:
+    """SPEC R1.6: a theme's (主题式"一件事") overall rating applies to all its matters; the reply is
+    kept as that overall rating, on one of them, and pushed as covering every one."""
+    done = shanghai(2026, 11, 23, 10, 0)
+    matters = [complete(store, f"T-{n}", done, theme_id="THEME-1") for n in range(3)]
+    invite(sms, done + timedelta(minutes=2))
+    [invitation] = rows(store, invitations)
+    assert invitation["service_record_id"] == matters[0]
+    [message] = rows(store, messages)
+    assert "您办理的“一件事”主题服务（含“营业执照”等3个事项）已办结，请您对整体服务评价" in message["body"]
+    assert reply(sms, "1") == "rated"
+    [rating] = rows(store, ratings)
+    assert (rating["service_record_id"], rating["overall"], rating["level"]) == (matters[0], True, 5)
+    assert pushed_covering(store) == [["T-0", "T-1", "T-2"]]
+    assert sms.run_due_steps(now=done + timedelta(hours=25)).reminders == 0
+    assert reply(sms, "2") == "already_rated"
+
+
+def test_a_theme_matter_rated_on_its_own_leaves_the_overall_question_open(store: Store, sms: SmsStore) -> None:
+    """R1.6: the citizen may rate a matter separately; that rating takes precedence for that
+    matter only, and the theme's overall rating still covers the others."""
+    done = shanghai(2026, 11, 23, 10, 0)
+    matters = [complete(store, f"T-{n}", done, theme_id="THEME-1") for n in range(3)]
+    invite(sms, done + timedelta(minutes=2))
+    with store.engine.begin() as connection:
+        store.add_rating(
+            connection, service_record_id=matters[0], level=Level.DISSATISFIED, channel=Channel.WEB, raw_input="2",
+            rated_at=done + timedelta(minutes=5),
+        )  # fmt: skip
+    assert reply(sms, "1") == "rated"
+    by_record = {(r["service_record_id"], r["overall"], r["is_attempt"]) for r in rows(store, ratings)}
+    assert by_record == {(matters[0], False, False), (matters[1], True, False)}
+
+
+def test_a_theme_whose_matters_were_all_rated_on_their_own_is_not_asked(store: Store, sms: SmsStore) -> None:
+    done = shanghai(2026, 11, 23, 10, 0)
+    matters = [complete(store, f"T-{n}", done, theme_id="THEME-1") for n in range(2)]
+    sms.create_invitations(EPOCH, now=done + timedelta(minutes=1))
+    with store.engine.begin() as connection:
+        for pk in matters:
+            store.add_rating(
+                connection, service_record_id=pk, level=Level.SATISFIED, channel=Channel.WEB, raw_input="4",
+                rated_at=done,
+            )  # fmt: skip
+    assert sms.run_due_steps(now=done + timedelta(minutes=2)).done == 1
+    assert rows(store, messages) == []
+    assert sms.run_due_steps(now=shanghai(2026, 12, 1, 10, 0)).defaults == 0
+
+
+def test_an_unanswered_theme_gets_one_overall_default(store: Store, sms: SmsStore) -> None:
+    done = shanghai(2026, 11, 23, 10, 0)
+    matters = [complete(store, f"T-{n}", done, theme_id="THEME-1") for n in range(3)]
+    invite(sms, done + timedelta(minutes=2))
+    sms.run_due_steps(now=done + timedelta(hours=25))
+    assert sms.run_due_steps(now=shanghai(2026, 12, 1, 10, 0)).defaults == 1
+    [rating] = rows(store, ratings)
+    assert (rating["service_record_id"], rating["overall"], rating["is_default"]) == (matters[0], True, True)
+    assert reply(sms, "1") == "closed"
+
+
+def test_two_instances_do_not_invite_two_items_of_one_batch(
+    store: Store, sms: SmsStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """R1.6 on a shared PostgreSQL: an instance that looks while another is inviting an item of
+    the same batch waits for it, and then sees the batch invited."""
+    done = shanghai(2026, 11, 23, 10, 0)
+    complete(store, "B-0", done, batch_id="BATCH-1")
+    time.sleep(0.01)
+    complete(store, "B-1", done, batch_id="BATCH-1")
+    [since] = [r["updated_at"] for r in rows(store, service_records, service_records.c.external_id == "B-1")]
+    first, second = (SmsStore(store, SmsSettings(), WorkingDayCalendar()) for _ in range(2))
+    inside = threading.Event()
+    real = SmsSettings.extension_code
+
+    def slow(self: SmsSettings, record_id: int) -> str:
+        if threading.current_thread().name == "first":
+            inside.set()
+            time.sleep(0.5)  # the first instance has chosen B-1 and not committed yet
+        return real(self, record_id)
+
+    monkeypatch.setattr(SmsSettings, "extension_code", slow)
+    later = done + timedelta(minutes=2)
+    thread = threading.Thread(target=first.create_invitations, args=(since,), kwargs={"now": later}, name="first")
+    thread.start()
+    assert inside.wait(10)
+    second.create_invitations(EPOCH, now=later)  # would choose B-0
+    thread.join(30)
+    assert len(rows(store, invitations)) == 1
 
 
 def test_unclear_reply_gets_one_clarification(store: Store, sms: SmsStore) -> None:

@@ -102,6 +102,29 @@ def test_a_long_matter_name_is_shortened_so_the_invitation_stays_short() -> None
     assert len(encode_ucs2_parts(text, 0)) == 2
 
 
+@pytest.mark.parametrize(
+    ("items", "theme", "expected"),
+    [
+        (1, False, "您办理的“营业执照”事项"),
+        (3, False, "您办理的“营业执照”事项（批量3件）"),
+        (3, True, "您办理的“一件事”主题服务（含“营业执照”等3个事项）"),
+        (1, True, "您办理的“一件事”主题服务（“营业执照”）"),
+    ],
+)
+def test_a_batch_or_a_theme_is_named_as_one_service(items: int, theme: bool, expected: str) -> None:
+    """SPEC R1.6: the citizen is asked once for the whole batch or theme."""
+    assert served_phrase("营业执照", items=items, theme=theme) == expected
+
+
+def test_a_theme_is_asked_for_its_overall_rating_within_three_parts() -> None:
+    long_name = "企业投资项目备案（含变更）及相关事项的办理与咨询服务的一件事联办"
+    text = invitation_text(signature="【12345热线】", matter_name=long_name, closes_at=CLOSES, items=12, theme=True)
+    assert "请您对整体服务评价" in text and "等12个事项" in text
+    assert len(encode_ucs2_parts(text, 0)) <= 3
+    reminder = reminder_text(signature="【12345热线】", matter_name="营业执照", closes_at=CLOSES, items=2, theme=True)
+    assert "期待您的整体评价" in reminder
+
+
 def test_deadline_is_shanghai_wall_clock() -> None:
     assert deadline_phrase(datetime(2026, 2, 26, 10, 30, tzinfo=SHANGHAI) - timedelta(hours=8)) == "2月26日02:30"
     with pytest.raises(ValueError, match="timezone"):

@@ -30,6 +30,7 @@ from gateway.workdays import SHANGHAI
 
 #: What was served, when the record is a hotline call rather than a named matter.
 HOTLINE_CALL = "您的12345热线来电"
+THEME_SERVICE = "您办理的“一件事”主题服务"
 #: A matter name longer than this is shortened with "…", so an invitation stays within 2-3 parts.
 MATTER_NAME_MAX = 30
 OPT_OUT_WORDING = "回复TD退订"
@@ -53,14 +54,23 @@ def reply_menu(key_map: KeyMap | None = None) -> str:
     return "回复" + "，".join(choices)
 
 
-def served_phrase(matter_name: str | None) -> str:
-    """What was served: ``您办理的“不动产登记”事项``, or ``您的12345热线来电`` for a call."""
+def served_phrase(matter_name: str | None, *, items: int = 1, theme: bool = False) -> str:
+    """What was served: ``您办理的“不动产登记”事项``, or ``您的12345热线来电`` for a call.
+
+    A batch of ``items`` (批量业务) or a theme (主题式"一件事") is asked about once, as one
+    service (SPEC R1.6), so the phrase names the whole: ``您办理的“营业执照”事项（批量3件）``,
+    ``您办理的“一件事”主题服务（含“营业执照”等3个事项）``.
+    """
     name = " ".join((matter_name or "").split())
-    if not name:
-        return HOTLINE_CALL
     if len(name) > MATTER_NAME_MAX:
         name = name[: MATTER_NAME_MAX - 1] + "…"
-    return f"您办理的“{name}”事项"
+    if theme:
+        if not name:
+            return THEME_SERVICE
+        return f"{THEME_SERVICE}（含“{name}”等{items}个事项）" if items > 1 else f"{THEME_SERVICE}（“{name}”）"
+    if not name:
+        return HOTLINE_CALL
+    return f"您办理的“{name}”事项（批量{items}件）" if items > 1 else f"您办理的“{name}”事项"
 
 
 def deadline_phrase(closes_at: datetime) -> str:
@@ -76,27 +86,41 @@ def deadline_phrase(closes_at: datetime) -> str:
 
 
 def invitation_text(
-    *, signature: str, matter_name: str | None, closes_at: datetime, key_map: KeyMap | None = None
+    *,
+    signature: str,
+    matter_name: str | None,
+    closes_at: datetime,
+    key_map: KeyMap | None = None,
+    items: int = 1,
+    theme: bool = False,
 ) -> str:
     """The invitation (邀评短信, SPEC R3.1): signature, what was served, menu, deadline, opt-out.
 
     It also says which level is recorded if the citizen does not answer (SPEC R3.4), so that a
-    default rating never comes as a surprise.
+    default rating never comes as a surprise. A theme is asked for its overall rating (R1.6).
     """
+    served = served_phrase(matter_name, items=items, theme=theme)
     return signed(
         signature,
-        f"{served_phrase(matter_name)}已办结，请您评价：{reply_menu(key_map)}。"
+        f"{served}已办结，请您{'对整体服务' if theme else ''}评价：{reply_menu(key_map)}。"
         f"请于{deadline_phrase(closes_at)}前回复，逾期默认“{LEVEL_NAMES[DEFAULT_LEVEL]}”。{OPT_OUT_WORDING}",
     )
 
 
 def reminder_text(
-    *, signature: str, matter_name: str | None, closes_at: datetime, key_map: KeyMap | None = None
+    *,
+    signature: str,
+    matter_name: str | None,
+    closes_at: datetime,
+    key_map: KeyMap | None = None,
+    items: int = 1,
+    theme: bool = False,
 ) -> str:
     """The one reminder (SPEC R3.3), worded as a reminder so it is not taken for a repeat."""
+    served = served_phrase(matter_name, items=items, theme=theme)
     return signed(
         signature,
-        f"温馨提醒：{served_phrase(matter_name)}已办结，期待您的评价：{reply_menu(key_map)}。"
+        f"温馨提醒：{served}已办结，期待您的{'整体' if theme else ''}评价：{reply_menu(key_map)}。"
         f"请于{deadline_phrase(closes_at)}前回复。{OPT_OUT_WORDING}",
     )
 
