@@ -351,3 +351,11 @@ def test_reconciliation_asks_the_platform_and_compares(tmp_path: Path) -> None:
         assert body["platform"] == {"status": "ok", "error": None}
         assert body["totals"] == {"stored": 7, "pushed": 7, "platform": 7} and body["consistent"] is True
         assert body == reconcile(live.gateway.store, day, live.config.platform).as_json()
+
+
+def test_a_service_id_with_a_slash_is_reached_percent_encoded(live: LiveGateway, supervisor: str) -> None:
+    """Case numbers like ``京办〔2026〕/0012`` carry a slash: ``%2F`` keeps it inside one path segment."""
+    add_rating(live.gateway.store, "WO/2026/0012", kind=ServiceKind.MATTER, mobile=PHONE)
+    status, body = live.get(f"/v1/service-records/{quote('WO/2026/0012', safe='')}/contact", supervisor)
+    assert status == 200 and body["serviceId"] == "WO/2026/0012" and body["mobile"] == PHONE
+    assert live.get("/v1/service-records/WO/2026/0012/contact", supervisor)[0] == 404
