@@ -151,11 +151,13 @@ ratings = Table(
     Column("rated_at", UTCDateTime(), nullable=False, index=True),
     Column("created_at", UTCDateTime(), nullable=False),
     # SPEC R1.4: one counted rating per record (and visit); a race between two instances ends
-    # in an integrity error here, and the loser is kept as an attempt.
+    # in an integrity error here, and the loser is kept as an attempt. A theme's overall rating,
+    # kept on one of its matters, has a slot of its own there (R1.6, migration 0006).
     Index(
         "uq_ratings_counted",
         "service_record_id",
         "visit_id",
+        "overall",
         unique=True,
         sqlite_where=text("is_attempt = 0 AND is_follow_up = 0"),
         postgresql_where=text("NOT is_attempt AND NOT is_follow_up"),
@@ -170,7 +172,7 @@ invitations = Table(
     Column("channel", String(8), nullable=False),  # sms | email | voice
     Column("extension_code", String(8), nullable=True, index=True),  # SPEC R3.6 扩展码
     Column("token", String(64), nullable=True, unique=True),  # SPEC R3.9 e-mail reply token
-    Column("status", String(16), nullable=False),  # scheduled | sent | reminded | rated | closed | failed
+    Column("status", String(16), nullable=False),  # scheduled sent reminded rated closed failed superseded
     Column("send_after", UTCDateTime(), nullable=False, index=True),
     Column("sent_at", UTCDateTime(), nullable=True),
     Column("reminder_after", UTCDateTime(), nullable=True),

@@ -133,14 +133,16 @@ class SmsStore:
         Eligible: a matter with a completion time, or a hotline call that ended not rated
         (SPEC R2.3). One without a mobile number gets no SMS, only the default rating when its
         window ends (R3.4). A batch (批量业务) or a theme (主题式"一件事") is one service to the
-        citizen (R1.6): one invitation for all its items, made for the first of them completed,
-        and none once it is rated. Returns the latest ``updated_at`` seen, for the next call's
-        ``since`` (callers keep a margin for transactions that commit late).
+        citizen (R1.6): one invitation for all its items, and none once it is rated. A theme is
+        invited once all its matters are completed, its window running from the last completion.
+        The invitation goes to an item whose number can get an SMS, if one can. Returns the latest
+        ``updated_at`` seen, for the next call's ``since`` (callers keep a margin for
+        transactions that commit late).
         """
         now = now or utcnow()
         s, i, r = service_records.c, invitations.c, ratings.c
         eligible = (
-            select(s.id, s.completed_at, s.updated_at, s.batch_id, s.theme_id)
+            select(s.id, s.completed_at, s.updated_at, s.batch_id, s.theme_id, s.mobile_enc, s.mobile_hash)
             .where(
                 s.updated_at >= since,
                 s.completed_at.is_not(None),
@@ -149,6 +151,7 @@ class SmsStore:
                 ~exists().where(r.service_record_id == s.id, r.is_attempt.is_(False)),
                 ~_batch_rated(s.batch_id),
                 ~_theme_rated_overall(s.theme_id),
+                ~_theme_in_progress(s.theme_id),
                 ~_group_invited(s),
             )
             .order_by(s.updated_at, s.id)
@@ -158,24 +161,32 @@ class SmsStore:
         with self.store.engine.begin() as connection:
             # Two instances must not each invite another item of one batch or theme.
             self._lock(connection, "hcp-sms-invitations")
-            rows = connection.execute(eligible).all()
+            rows = connection.execute(eligible).mappings().all()
             if not rows:
                 return since
+            latest = max(latest, *(row["updated_at"] for row in rows))
+            chosen: list[Any] = []
+            by_group: dict[tuple[str, str], list[Any]] = {}
+            for row in rows:
+                group = rating_group(row["batch_id"], row["theme_id"])
+                if group is None:
+                    chosen.append(row)
+                else:
+                    by_group.setdefault(group, []).append(row)
+            completions = self._group_completions(connection, by_group)
+            opted = self._opted_out(connection, {row["mobile_hash"] for row in rows if row["mobile_hash"]})
+            for group, items in by_group.items():
+                reachable = [row for row in items if self._can_text(row, opted)]
+                chosen.append({**(reachable or items)[0], "completed_at": completions.get(group)})
             values = []
-            groups: set[tuple[str, str]] = set()
-            for record_id, completed_at, updated_at, batch_id, theme_id in rows:
-                latest = max(latest, updated_at)
-                group = rating_group(batch_id, theme_id)
-                if group is not None:
-                    if group in groups:
-                        continue
-                    groups.add(group)
+            for row in chosen:
+                completed_at = row["completed_at"]
                 send_after = completed_at + self.settings.schedule.invite_delay
                 values.append(
                     {
-                        "service_record_id": record_id,
+                        "service_record_id": row["id"],
                         "channel": SMS,
-                        "extension_code": self.settings.extension_code(record_id),
+                        "extension_code": self.settings.extension_code(row["id"]),
                         "status": "scheduled",
                         "send_after": send_after,
                         "closes_at": self._closes_at(completed_at),
@@ -189,6 +200,36 @@ class SmsStore:
             connection.execute(statement, values)
         # Rows at ``latest`` are looked at again next time; those invited are skipped by then.
         return latest
+
+    def _can_text(self, row: Any, opted: Collection[str]) -> bool:
+        """Whether the record's number can get an SMS: a mobile that did not opt out (R3.8)."""
+        if row["mobile_enc"] is None or row["mobile_hash"] in opted:
+            return False
+        return is_mobile(self.store.protector.decrypt(row["mobile_enc"]))
+
+    def _opted_out(self, connection: Connection, hashes: Collection[str]) -> set[str]:
+        found: set[str] = set()
+        for chunk in _chunks(sorted(hashes)):
+            found.update(
+                connection.execute(select(opt_outs.c.phone_hash).where(opt_outs.c.phone_hash.in_(chunk))).scalars()
+            )
+        return found
+
+    def _group_completions(
+        self, connection: Connection, groups: Collection[tuple[str, str]]
+    ) -> dict[tuple[str, str], datetime]:
+        """When each batch or theme was completed: its last item's completion (R1.6, R3.4)."""
+        s = service_records.c
+        found: dict[tuple[str, str], datetime] = {}
+        for kind, column in (("batch", s.batch_id), ("theme", s.theme_id)):
+            keys = sorted(key for group_kind, key in groups if group_kind == kind)
+            for chunk in _chunks(keys):
+                query = select(column, func.max(s.completed_at)).where(column.in_(chunk))
+                if kind == "batch":
+                    query = query.where(s.theme_id.is_(None))  # an item of a theme goes with its theme
+                for key, completed_at in connection.execute(query.group_by(column)):
+                    found[(kind, key)] = completed_at
+        return found
 
     def run_due_steps(self, *, now: datetime | None = None, limit: int = 500) -> StepCounts:
         """Take the invitations whose next step is due and do it, each exactly once (R3.1-R3.4).
@@ -244,23 +285,24 @@ class SmsStore:
             # matter was rated on its own; a rating of the invited matter alone does not answer it.
             themes = {row["theme_id"] for row in rows if row["theme_id"]}
             overall = self._themes_rated_overall(connection, themes)
-            open_matters = self._open_theme_matters(connection, themes)
+            unrated = self._themes_with_unrated_matters(connection, themes)
             for row in rows:
                 if row["theme_id"]:
-                    if row["theme_id"] in overall or row["theme_id"] not in open_matters:
+                    if row["theme_id"] in overall or row["theme_id"] not in unrated:
                         rated.add(row["service_record_id"])
                     else:
                         rated.discard(row["service_record_id"])
+            first = self._first_invitations(connection, rows)
             sizes = self._group_sizes(connection, rows)
             hashes = {row["mobile_hash"] for row in rows}
-            opted = set(
-                connection.execute(select(opt_outs.c.phone_hash).where(opt_outs.c.phone_hash.in_(hashes))).scalars()
-            )
+            opted = self._opted_out(connection, {h for h in hashes if h})
             history = self._history(connection, hashes, now)
             for row in rows:
                 group = rating_group(row["batch_id"], row["theme_id"])
-                items = sizes.get(group, 1) if group else 1
-                row = {**row, "items": items, "open_matter": open_matters.get(row["theme_id"])}
+                if group is not None and first.get(group, row["id"]) != row["id"]:
+                    counts[self._supersede(connection, row)] += 1
+                    continue
+                row = {**row, "items": sizes.get(group, 1) if group else 1}
                 counts[self._step(connection, row, row["service_record_id"] in rated, opted, history, now)] += 1
         return StepCounts(**counts)
 
@@ -323,10 +365,10 @@ class SmsStore:
             connection.execute(update(invitations).where(where).values(next_step_at=action.at))
             return "deferred"
         if isinstance(action, RecordDefaultRating):
-            # A theme's default is its overall rating, kept on a matter not rated on its own (R1.6).
+            # A theme's default is its overall rating, kept on the invited matter (R1.6).
             self.store.add_rating(
                 connection,
-                service_record_id=row["open_matter"] if row["theme_id"] else row["service_record_id"],
+                service_record_id=row["service_record_id"],
                 level=action.level,
                 channel=Channel.SYSTEM,
                 raw_input=None,
@@ -384,25 +426,57 @@ class SmsStore:
                 found[theme_id] = bool(is_default)
         return found
 
-    def _open_theme_matters(self, connection: Connection, theme_ids: Collection[str]) -> dict[str, int]:
-        """theme → its first completed matter with no counted rating: where an overall rating is kept.
+    def _themes_with_unrated_matters(self, connection: Connection, theme_ids: Collection[str]) -> set[str]:
+        """The themes that have a matter without a counted rating of its own (R1.6).
 
-        A theme none of whose matters is left is rated matter by matter (R1.6): not in the result.
+        A theme none of whose matters is left was rated matter by matter: its overall rating
+        would cover nothing, so it is not asked for.
         """
         s, r = service_records.c, ratings.c
-        found: dict[str, int] = {}
+        found: set[str] = set()
         for chunk in _chunks(sorted(theme_ids)):
-            query = (
-                select(s.theme_id, func.min(s.id))
-                .where(
-                    s.theme_id.in_(chunk),
-                    s.completed_at.is_not(None),
-                    ~exists().where(r.service_record_id == s.id, r.is_attempt.is_(False)),
-                )
-                .group_by(s.theme_id)
-            )
-            found.update({theme_id: int(pk) for theme_id, pk in connection.execute(query)})
+            own = exists().where(r.service_record_id == s.id, r.is_attempt.is_(False), r.overall.is_(False))
+            query = select(s.theme_id).where(s.theme_id.in_(chunk), ~own).distinct()
+            found.update(connection.execute(query).scalars())
         return found
+
+    def _first_invitations(self, connection: Connection, rows: Iterable[Any]) -> dict[tuple[str, str], int]:
+        """Each batch's or theme's first SMS invitation: the one that asks it (R1.6).
+
+        Stores written before one invitation per group had one per item; the others are
+        superseded (:meth:`_supersede`).
+        """
+        s, i = service_records.c, invitations.c
+        wanted: dict[str, set[str]] = {"batch": set(), "theme": set()}
+        for row in rows:
+            group = rating_group(row["batch_id"], row["theme_id"])
+            if group is not None:
+                wanted[group[0]].add(group[1])
+        found: dict[tuple[str, str], int] = {}
+        for kind, column in (("batch", s.batch_id), ("theme", s.theme_id)):
+            for chunk in _chunks(sorted(wanted[kind])):
+                query = (
+                    select(column, func.min(i.id))
+                    .join(service_records, s.id == i.service_record_id)
+                    .where(column.in_(chunk), i.channel == SMS)
+                )
+                if kind == "batch":
+                    query = query.where(s.theme_id.is_(None))
+                found.update({(kind, key): int(pk) for key, pk in connection.execute(query.group_by(column))})
+        return found
+
+    def _supersede(self, connection: Connection, row: Any) -> str:
+        """Another invitation of the group asks it: this one takes no more steps (R1.6, R3.3).
+
+        One never sent is closed; one sent stays open for a reply within its window (the
+        citizen has its text), but gets neither reminder nor default.
+        """
+        where = invitations.c.id == row["id"]
+        if row["sent_at"] is None:
+            connection.execute(update(invitations).where(where).values(status="superseded", next_step_at=None))
+        else:
+            connection.execute(update(invitations).where(where).values(next_step_at=None))
+        return "done"
 
     def _group_sizes(self, connection: Connection, rows: Iterable[Any]) -> dict[tuple[str, str], int]:
         """How many records each row's batch or theme holds, for the invitation's wording (R1.6)."""
@@ -413,9 +487,11 @@ class SmsStore:
             if group is not None:
                 wanted[group[0]].add(group[1])
         sizes: dict[tuple[str, str], int] = {}
-        for kind, column in (("batch", s.batch_id), ("theme", s.theme_id)):
+        # A theme counts its matters: the items of a batch within it are one matter.
+        theme_matters = func.count(func.coalesce(s.matter_code, s.external_id).distinct())
+        for kind, column, size in (("batch", s.batch_id, func.count()), ("theme", s.theme_id, theme_matters)):
             for chunk in _chunks(sorted(wanted[kind])):
-                query = select(column, func.count()).where(column.in_(chunk)).group_by(column)
+                query = select(column, size).where(column.in_(chunk)).group_by(column)
                 sizes.update({(kind, key): int(count) for key, count in connection.execute(query)})
         return sizes
 
@@ -1002,19 +1078,16 @@ class SmsStore:
                 connection.execute(insert(opt_outs).values(phone_hash=phone_hash, channel=SMS, created_at=now))
         elif isinstance(parsed, Rating) and window is ReplyWindow.OPEN:
             assert invitation is not None
-            # A theme's invitation asks for its overall rating (R1.6), kept on a matter of the
-            # theme that has no rating of its own (the invited one may have been rated since).
-            theme_id = invitation["theme_id"]
-            target = self._open_theme_matters(connection, [theme_id]).get(theme_id) if theme_id else None
+            # A theme's invitation asks for its overall rating (R1.6), kept on the invited matter.
             _, _, counted = self.store.add_rating(
                 connection,
-                service_record_id=target or invitation["service_record_id"],
+                service_record_id=invitation["service_record_id"],
                 level=parsed.level,
                 channel=Channel.SMS,
                 raw_input=parsed.raw[:500],
                 rated_at=now,
                 comment=parsed.comment or None,
-                overall=target is not None,
+                overall=invitation["theme_id"] is not None,
             )
             if counted:
                 connection.execute(
@@ -1063,7 +1136,8 @@ class SmsStore:
         """The invitation a reply answers: by extension code, else the most recent open one (R3.6)."""
         i, s = invitations.c, service_records.c
         base = (
-            select(i.id, i.service_record_id, i.status, i.closes_at, i.clarified_at, i.extension_code, s.theme_id)
+            select(i.id, i.service_record_id, i.status, i.closes_at, i.clarified_at, i.extension_code)
+            .add_columns(s.batch_id, s.theme_id)
             .join(service_records, s.id == i.service_record_id)
             .where(i.channel == SMS, s.mobile_hash == phone_hash, i.sent_at.is_not(None))
         )
@@ -1084,19 +1158,7 @@ class SmsStore:
     def _window(self, connection: Connection, invitation: Any, now: datetime) -> tuple[ReplyWindow, str]:
         if invitation is None:
             return ReplyWindow.NOT_INVITED, "not_invited"
-        theme_id = invitation["theme_id"]
-        if theme_id:  # asked for the theme's overall rating (R1.6)
-            overall = self._themes_rated_overall(connection, [theme_id])
-            is_default = overall.get(theme_id)
-            if is_default is None and theme_id not in self._open_theme_matters(connection, [theme_id]):
-                is_default = False  # every matter was rated on its own
-        else:
-            rated = connection.execute(
-                select(ratings.c.is_default)
-                .where(ratings.c.service_record_id == invitation["service_record_id"], ratings.c.is_attempt.is_(False))
-                .limit(1)
-            ).first()
-            is_default = None if rated is None else bool(rated.is_default)
+        is_default = self._answer(connection, invitation)
         if is_default is not None:
             # The default rating at the window's end (R3.4) is not the citizen's: the window closed.
             return (ReplyWindow.CLOSED, "closed") if is_default else (ReplyWindow.ALREADY_RATED, "already_rated")
@@ -1104,6 +1166,27 @@ class SmsStore:
         if invitation["status"] not in OPEN_STATUSES or (closes_at is not None and closes_at <= now):
             return ReplyWindow.CLOSED, "closed"
         return ReplyWindow.OPEN, "open"
+
+    def _answer(self, connection: Connection, invitation: Any) -> bool | None:
+        """Whether the question the invitation asked is answered: None if not, else whether by the default.
+
+        A theme's question is answered by its overall rating, or by a rating of each matter; a
+        batch's by a rating of any item (R1.6); a lone record's by its own rating.
+        """
+        theme_id, batch_id = invitation["theme_id"], invitation["batch_id"]
+        r, s = ratings.c, service_records.c
+        if theme_id:
+            overall = self._themes_rated_overall(connection, [theme_id])
+            if theme_id in overall:
+                return overall[theme_id]
+            return None if self._themes_with_unrated_matters(connection, [theme_id]) else False
+        if batch_id:
+            where = and_(s.batch_id == batch_id, s.theme_id.is_(None))
+            query = select(r.is_default).join(service_records, s.id == r.service_record_id).where(where)
+        else:
+            query = select(r.is_default).where(r.service_record_id == invitation["service_record_id"])
+        found = connection.execute(query.where(r.is_attempt.is_(False)).order_by(r.is_default).limit(1)).first()
+        return None if found is None else bool(found.is_default)
 
     # -- housekeeping ----------------------------------------------------------------------------
 
@@ -1167,6 +1250,12 @@ def _theme_rated_overall(theme_id: Any) -> Any:
         ratings.c.is_attempt.is_(False),
         ratings.c.overall.is_(True),
     )
+
+
+def _theme_in_progress(theme_id: Any) -> Any:
+    """SQL: a matter of the theme is not completed yet: the theme is not done (R1.6)."""
+    matter = service_records.alias("theme_open_matter")
+    return exists().where(theme_id.is_not(None), matter.c.theme_id == theme_id, matter.c.completed_at.is_(None))
 
 
 def _group_invited(record: Any) -> Any:

@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, select, update
 
 from gateway.intake import ServiceRecordInput
 from gateway.platform.records import evaluation_record
@@ -441,11 +441,7 @@ def test_a_batch_rated_before_its_invitation_is_not_invited(store: Store, sms: S
     """SPEC R1.6: a rating of any item (at the window, on the web) already rates the batch."""
     done = shanghai(2026, 11, 23, 10, 0)
     items = [complete(store, f"B-{n}", done, batch_id="BATCH-1") for n in range(3)]
-    with store.engine.begin() as connection:
-        store.add_rating(
-            connection, service_record_id=items[2], level=Level.SATISFIED, channel=Channel.WEB, raw_input="4",
-            rated_at=done,
-        )  # fmt: skip
+    web_rating(store, items[2], done)
     invite(sms, done + timedelta(minutes=2))
     assert rows(store, invitations) == [] and rows(store, messages) == []
 
@@ -471,7 +467,8 @@ def test_a_theme_is_asked_once_for_its_overall_rating(store: Store, sms: SmsStor
     """SPEC R1.6: a theme's (主题式"一件事") overall rating applies to all its matters; the reply is
     kept as that overall rating, on one of them, and pushed as covering every one."""
     done = shanghai(2026, 11, 23, 10, 0)
-    matters = [complete(store, f"T-{n}", done, theme_id="THEME-1") for n in range(3)]
+    matters = [complete(store, f"T-{n}", done, theme_id="THEME-1", matter_code=f"X{n}") for n in range(3)]
+    complete(store, "T-3", done, theme_id="THEME-1", matter_code="X2")  # a batch of X2 within the theme
     invite(sms, done + timedelta(minutes=2))
     [invitation] = rows(store, invitations)
     assert invitation["service_record_id"] == matters[0]
@@ -480,37 +477,102 @@ def test_a_theme_is_asked_once_for_its_overall_rating(store: Store, sms: SmsStor
     assert reply(sms, "1") == "rated"
     [rating] = rows(store, ratings)
     assert (rating["service_record_id"], rating["overall"], rating["level"]) == (matters[0], True, 5)
-    assert pushed_covering(store) == [["T-0", "T-1", "T-2"]]
+    assert pushed_covering(store) == [["T-0", "T-1", "T-2", "T-3"]]
     assert sms.run_due_steps(now=done + timedelta(hours=25)).reminders == 0
     assert reply(sms, "2") == "already_rated"
 
 
 def test_a_theme_matter_rated_on_its_own_leaves_the_overall_question_open(store: Store, sms: SmsStore) -> None:
     """R1.6: the citizen may rate a matter separately; that rating takes precedence for that
-    matter only, and the theme's overall rating still covers the others."""
+    matter only, and the theme's overall rating still covers the others, even when kept on the
+    same matter (its own slot: migration 0006). Either order."""
     done = shanghai(2026, 11, 23, 10, 0)
     matters = [complete(store, f"T-{n}", done, theme_id="THEME-1") for n in range(3)]
     invite(sms, done + timedelta(minutes=2))
-    with store.engine.begin() as connection:
-        store.add_rating(
-            connection, service_record_id=matters[0], level=Level.DISSATISFIED, channel=Channel.WEB, raw_input="2",
-            rated_at=done + timedelta(minutes=5),
-        )  # fmt: skip
+    web_rating(store, matters[0], done + timedelta(minutes=5))
     assert reply(sms, "1") == "rated"
-    by_record = {(r["service_record_id"], r["overall"], r["is_attempt"]) for r in rows(store, ratings)}
-    assert by_record == {(matters[0], False, False), (matters[1], True, False)}
+    kept = sorted((r["service_record_id"], r["overall"], r["is_attempt"]) for r in rows(store, ratings))
+    assert kept == [(matters[0], False, False), (matters[0], True, False)]
+    assert sorted(pushed_covering(store), key=str) == [None, ["T-0", "T-1", "T-2"]]  # its own covers itself alone
+    web_rating(store, matters[1], done + timedelta(minutes=9))  # after the overall rating: counted too
+    assert not rows(store, ratings, ratings.c.service_record_id == matters[1])[0]["is_attempt"]
+
+
+def web_rating(store: Store, record: int, at: datetime, level: Level = Level.DISSATISFIED) -> bool:
+    """A rating of one record by another channel (the web); whether it counted (R1.4)."""
+    with store.engine.begin() as connection:
+        return store.add_rating(
+            connection, service_record_id=record, level=level, channel=Channel.WEB, raw_input="2", rated_at=at
+        )[2]
+
+
+def test_a_group_is_invited_on_an_item_whose_number_can_get_the_sms(store: Store, sms: SmsStore) -> None:
+    """R1.6 with R3.1: the first item of a batch had no number, a land line or an opted-out one."""
+    done = shanghai(2026, 11, 23, 10, 0)
+    complete(store, "B-0", done, phone=None, batch_id="BATCH-1")
+    complete(store, "B-1", done, phone="+861087654321", batch_id="BATCH-1")
+    reachable = complete(store, "B-2", done, batch_id="BATCH-1")
+    invite(sms, done + timedelta(minutes=2))
+    assert [row["service_record_id"] for row in rows(store, invitations)] == [reachable]
+    assert [m["kind"] for m in rows(store, messages)] == ["invitation"]
+
+
+def test_a_theme_is_asked_once_all_its_matters_are_completed(store: Store, sms: SmsStore) -> None:
+    """R1.6: "一件事" is done when its last matter is; the window runs from then (R3.4)."""
+    done = shanghai(2026, 11, 23, 10, 0)
+    complete(store, "T-0", done, theme_id="THEME-1")
+    store.upsert_service_records(
+        [ServiceRecordInput(id="T-1", kind=ServiceKind.MATTER, mobile=PHONE, theme_id="THEME-1")]  # type: ignore[arg-type]
+    )
+    invite(sms, done + timedelta(minutes=2))
+    assert rows(store, invitations) == []
+    last = done + timedelta(days=1)
+    complete(store, "T-1", last, theme_id="THEME-1")
+    invite(sms, last + timedelta(minutes=2))
+    [invitation] = rows(store, invitations)
+    assert invitation["send_after"] == last + sms.settings.schedule.invite_delay
+    assert invitation["closes_at"] == sms.settings.schedule.closes_at(last, sms.calendar)
+
+
+def test_one_invitation_per_item_from_before_is_superseded_by_the_first(store: Store, sms: SmsStore) -> None:
+    """Stores written before R1.6 held one invitation per batch item: only the first one asks;
+    the others, sent or not, get no reminder and no default, and a reply to one is still heard."""
+    done = shanghai(2026, 11, 23, 10, 0)
+    items = [complete(store, f"B-{n}", done, batch_id="BATCH-1") for n in range(3)]
+    sent = done + timedelta(minutes=2)
+    with store.engine.begin() as connection:
+        for n, item in enumerate(items):
+            connection.execute(
+                insert(invitations).values(
+                    service_record_id=item, channel="sms", extension_code=f"000{n + 1}", created_at=done,
+                    status="sent" if n == 1 else "scheduled", send_after=done, sent_at=sent if n == 1 else None,
+                    closes_at=shanghai(2026, 11, 30, 10, 0), next_step_at=sent,
+                )
+            )  # fmt: skip
+    steps = sms.run_due_steps(now=sent)
+    assert (steps.invitations, steps.done) == (1, 2)
+    assert [r["status"] for r in rows(store, invitations)] == ["sent", "sent", "superseded"]
+    sms.run_due_steps(now=done + timedelta(hours=25))
+    assert sms.run_due_steps(now=shanghai(2026, 12, 1, 10, 0)).defaults == 1
+    assert [(r["service_record_id"], r["is_default"]) for r in rows(store, ratings)] == [(items[0], True)]
+
+
+def test_a_batch_rated_by_another_channel_after_the_sms_is_already_rated(store: Store, sms: SmsStore) -> None:
+    """R1.6 with R1.4: one rating for the batch; a reply after a rating of another item is not a second one."""
+    done = shanghai(2026, 11, 23, 10, 0)
+    items = [complete(store, f"B-{n}", done, batch_id="BATCH-1") for n in range(2)]
+    invite(sms, done + timedelta(minutes=2))
+    web_rating(store, items[1], done + timedelta(minutes=5))
+    assert reply(sms, "1") == "already_rated"
+    assert [r["service_record_id"] for r in rows(store, ratings)] == [items[1]]
 
 
 def test_a_theme_whose_matters_were_all_rated_on_their_own_is_not_asked(store: Store, sms: SmsStore) -> None:
     done = shanghai(2026, 11, 23, 10, 0)
     matters = [complete(store, f"T-{n}", done, theme_id="THEME-1") for n in range(2)]
     sms.create_invitations(EPOCH, now=done + timedelta(minutes=1))
-    with store.engine.begin() as connection:
-        for pk in matters:
-            store.add_rating(
-                connection, service_record_id=pk, level=Level.SATISFIED, channel=Channel.WEB, raw_input="4",
-                rated_at=done,
-            )  # fmt: skip
+    for pk in matters:
+        web_rating(store, pk, done)
     assert sms.run_due_steps(now=done + timedelta(minutes=2)).done == 1
     assert rows(store, messages) == []
     assert sms.run_due_steps(now=shanghai(2026, 12, 1, 10, 0)).defaults == 0
@@ -524,6 +586,8 @@ def test_an_unanswered_theme_gets_one_overall_default(store: Store, sms: SmsStor
     assert sms.run_due_steps(now=shanghai(2026, 12, 1, 10, 0)).defaults == 1
     [rating] = rows(store, ratings)
     assert (rating["service_record_id"], rating["overall"], rating["is_default"]) == (matters[0], True, True)
+    [record] = [evaluation_record(item.facts) for item in Outbox(store).claim("test", 10, lease=60)]  # type: ignore[arg-type]
+    assert record["pf"] == "7" and record["appliesTo"] == ["T-0", "T-1", "T-2"]  # invited by SMS (PLATFORM.md)
     assert reply(sms, "1") == "closed"
 
 

@@ -108,7 +108,7 @@ def test_a_long_matter_name_is_shortened_so_the_invitation_stays_short() -> None
         (1, False, "您办理的“营业执照”事项"),
         (3, False, "您办理的“营业执照”事项（批量3件）"),
         (3, True, "您办理的“一件事”主题服务（含“营业执照”等3个事项）"),
-        (1, True, "您办理的“一件事”主题服务（“营业执照”）"),
+        (1, True, "您办理的“一件事”主题服务（含“营业执照”）"),
     ],
 )
 def test_a_batch_or_a_theme_is_named_as_one_service(items: int, theme: bool, expected: str) -> None:

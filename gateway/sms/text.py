@@ -67,7 +67,7 @@ def served_phrase(matter_name: str | None, *, items: int = 1, theme: bool = Fals
     if theme:
         if not name:
             return THEME_SERVICE
-        return f"{THEME_SERVICE}（含“{name}”等{items}个事项）" if items > 1 else f"{THEME_SERVICE}（“{name}”）"
+        return f"{THEME_SERVICE}（含“{name}”等{items}个事项）" if items > 1 else f"{THEME_SERVICE}（含“{name}”）"
     if not name:
         return HOTLINE_CALL
     return f"您办理的“{name}”事项（批量{items}件）" if items > 1 else f"您办理的“{name}”事项"
