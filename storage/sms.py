@@ -700,38 +700,57 @@ class SmsStore:
             self._match_waiting_receipts(connection, [row["smsc_id"] for row in rows], now)
         return completed
 
-    def release_messages(self, message_ids: Sequence[int], *, owner: str | None = None) -> None:
+    def release_messages(
+        self, message_ids: Sequence[int], *, owner: str | None = None, not_before: datetime | None = None
+    ) -> None:
         """Give back leases: the unacknowledged parts go again, to whichever sender claims them.
 
         With ``owner``, only the leases that are still ``owner``'s: one that ran out and was
-        claimed by another sender is that sender's now.
+        claimed by another sender is that sender's now. With ``not_before``, not before then.
         """
         m = messages.c
+        values: dict[str, Any] = {"claimed_by": None, "claimed_until": None}
+        if not_before is not None:
+            values["send_after"] = not_before
         with self.store.engine.begin() as connection:
             for chunk in _chunks(list(message_ids)):
                 releasable = [m.id.in_(chunk), m.status == "queued"]
                 if owner is not None:
                     releasable.append(m.claimed_by == owner)
-                connection.execute(update(messages).where(*releasable).values(claimed_by=None, claimed_until=None))
+                connection.execute(update(messages).where(*releasable).values(**values))
 
     def fail_attempts(
-        self, errors: dict[int, str], *, attempts: dict[int, int] | None = None, now: datetime | None = None
+        self,
+        errors: dict[int, str],
+        *,
+        attempts: dict[int, int] | None = None,
+        now: datetime | None = None,
+        final: Collection[int] = (),
     ) -> None:
         """The SMSC refused these messages, or reported them undelivered: try again, bounded (R3.7).
 
         A new attempt sends every part again under a new UDH reference; after ``max_attempts``
         the message is failed and reported. ``attempts`` names the attempt each error is about:
-        one that is already over (a receipt failed it first) is not failed twice.
+        one that is already over (a receipt failed it first) is not failed twice. The messages
+        in ``final`` were refused for good (an invalid number …): failed at once.
         """
         if not errors:
             return
         now = now or utcnow()
         with self.store.engine.begin() as connection:
             for message_id, error in errors.items():
-                self._fail_attempt(connection, message_id, error, now, (attempts or {}).get(message_id))
+                attempt = (attempts or {}).get(message_id)
+                self._fail_attempt(connection, message_id, error, now, attempt, final=message_id in final)
 
     def _fail_attempt(
-        self, connection: Connection, message_id: int, error: str, now: datetime, attempt: int | None = None
+        self,
+        connection: Connection,
+        message_id: int,
+        error: str,
+        now: datetime,
+        attempt: int | None = None,
+        *,
+        final: bool = False,
     ) -> None:
         m = messages.c
         row = connection.execute(select(m.attempts, m.status).where(m.id == message_id)).first()
@@ -741,7 +760,7 @@ class SmsStore:
             return
         attempts = row.attempts
         attempts += 1
-        if attempts < self.settings.max_attempts:
+        if attempts < self.settings.max_attempts and not final:
             values: dict[str, Any] = {
                 "status": "queued",
                 "attempts": attempts,

@@ -31,6 +31,7 @@ from gateway.sms.smpp import (
     SubmitOutcomeUnknown,
     SubmitPart,
     SubmitRejected,
+    SubmitTimedOut,
 )
 from gateway.sms.text import encode_ucs2_parts
 from gateway.testing import smsc as smsc_module
@@ -859,3 +860,96 @@ def test_answers_that_arrived_before_the_smsc_reset_the_connection_are_taken_bef
         link._wake_w.close()
     assert ("ok", 1, "a0007") in events
     assert [event[:2] for event in events if event[0] == "unknown"] == [("unknown", 2)]
+
+
+# -- the SMSC's other answers (found in review) ------------------------------------------------------
+
+
+class _OneFullQueueSmsc(Smsc):
+    """ESME_RMSGQFUL for one destination only: its store-and-forward queue is full."""
+
+    full = "13800000000"
+
+    def _submit(self, connection: Any, pdu: Any) -> Any:
+        if pdu.fields.get("destination_addr") == self.full:
+            self._record_submit(connection, pdu)
+            return 0.0, encode_pdu("submit_sm_resp", pdu.sequence, smsc_module.ESME_RMSGQFUL)
+        return super()._submit(connection, pdu)
+
+
+def test_one_full_destination_queue_does_not_hold_the_link() -> None:
+    """Issue 4: queue full slows down and drops nothing; the same part full again is its
+    destination's queue, so it waits behind the others and the link keeps its pace."""
+
+    async def scenario(reactor: Any, smsc: Smsc, client: SmppClient, ticker: Ticker) -> Any:
+        await client.when_bound()
+        outcomes = Outcomes()
+        outcomes.watch(-1, client.submit(part(0)))
+        started = time.monotonic()
+        for i in range(1, 41):
+            outcomes.watch(i, client.submit(part(i)))
+        await until(reactor, lambda: len([k for k in outcomes.ids() if k > 0]) == 40, 10, "the others submitted")
+        took = time.monotonic() - started
+
+        def tries() -> int:
+            return len([r for r in smsc.submits() if r.destination == _OneFullQueueSmsc.full])
+
+        await until(reactor, lambda: tries() >= 3, 10, "the full one tried again")
+        return took, -1 in outcomes.results
+
+    took, resolved = with_client({}, scenario, peer=_OneFullQueueSmsc, rate=200.0, window=10)
+    assert took < 2.0 and not resolved  # the others were not held up; it is tried again, never dropped
+
+
+class _LostSessionSmsc(Smsc):
+    """Answers every submit of the first bind with ESME_RINVBNDSTS, as after an SMSC failover."""
+
+    def _submit(self, connection: Any, pdu: Any) -> Any:
+        if self.binds == 1:
+            self._record_submit(connection, pdu)
+            return 0.0, encode_pdu("submit_sm_resp", pdu.sequence, smsc_module.ESME_RINVBNDSTS)
+        return super()._submit(connection, pdu)
+
+
+def test_an_smsc_that_lost_the_session_gets_a_new_bind_and_the_parts_again() -> None:
+    parts = [part(i) for i in range(5)]
+
+    async def scenario(reactor: Any, smsc: Smsc, client: SmppClient, ticker: Ticker) -> Any:
+        outcomes, _ = await submit_all(reactor, client, parts)
+        return outcomes, smsc.binds
+
+    outcomes, binds = with_client({}, scenario, peer=_LostSessionSmsc)
+    assert binds == 2 and len(outcomes.ids()) == 5  # none rejected, none an attempt lost
+
+
+class _NackThrottlingSmsc(Smsc):
+    """Throttles the first submit with a generic_nack, as some SMSCs do."""
+
+    nacked = False
+
+    def _submit(self, connection: Any, pdu: Any) -> Any:
+        if not self.nacked:
+            self.nacked = True
+            self._record_submit(connection, pdu)
+            return 0.0, encode_pdu("generic_nack", pdu.sequence, smsc_module.ESME_RTHROTTLED)
+        return super()._submit(connection, pdu)
+
+
+def test_throttling_by_generic_nack_is_throttling() -> None:
+    async def scenario(reactor: Any, smsc: Smsc, client: SmppClient, ticker: Ticker) -> Any:
+        outcomes, _ = await submit_all(reactor, client, [part(1)])
+        return outcomes.results[0], client.state()["throttled_total"]
+
+    result, throttled = with_client({}, scenario, peer=_NackThrottlingSmsc)
+    assert isinstance(result, str) and throttled == 1
+
+
+def test_a_submit_answered_after_the_timeout_is_reported_as_timed_out() -> None:
+    """The link stayed up: the service then spaces and bounds its copies (tests/test_sms_service.py)."""
+
+    async def scenario(reactor: Any, smsc: Smsc, client: SmppClient, ticker: Ticker) -> Any:
+        outcomes, _ = await submit_all(reactor, client, [part(1)])
+        return outcomes.results[0]
+
+    result = with_client({"fault": Fault(response_delay=0.6)}, scenario, response_timeout=0.3)
+    assert isinstance(result, SubmitTimedOut)

@@ -252,3 +252,14 @@ def test_a_garbled_deliver_sm_is_refused_with_a_reason(cut: Any) -> None:
     raw = encode_pdu("deliver_sm", 5, source_addr="138", destination_addr="1069", short_message=b"\x00\x35")
     with pytest.raises(PduDecodeError):
         decode_incoming(cut(raw))
+
+
+@pytest.mark.parametrize("esm_class", [0x04, 0x08, 0x10, 0x20, 0x24])
+def test_notifications_of_every_kind_are_not_a_citizens_text(esm_class: int) -> None:
+    """SMPP 3.4 5.2.12: 0x20 is an intermediate delivery notification, 0x08 an SME acknowledgement."""
+    assert DeliverSm("13800138000", "10690012345", esm_class, 0, b"id:a1 stat:ENROUTE", "a1", 1).is_receipt
+
+
+@pytest.mark.parametrize("esm_class", [0x00, 0x40, 0x80, 0x03])
+def test_a_message_with_a_udh_or_a_reply_path_is_a_citizens_text(esm_class: int) -> None:
+    assert not DeliverSm("13800138000", "10690012345", esm_class, 8, "好".encode("utf-16-be")).is_receipt

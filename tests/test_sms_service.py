@@ -20,7 +20,7 @@ from gateway.rating import ServiceKind
 from gateway.sms.schedule import ScheduleSettings
 from gateway.sms.service import SmsService
 from gateway.sms.settings import SmsSettings
-from gateway.sms.smpp import DeliverSm, SubmitOutcomeUnknown, SubmitPart, SubmitRejected
+from gateway.sms.smpp import DeliverSm, SubmitOutcomeUnknown, SubmitPart, SubmitRejected, SubmitTimedOut
 from gateway.sms.text import split_udh
 from gateway.workdays import WorkingDayCalendar
 from storage.schema import message_parts, messages, ratings
@@ -124,13 +124,50 @@ def test_a_refused_message_is_retried_later_not_at_once(harness: Any) -> None:
     service.startService()
     clock.advance(0)
     for _, d in client.sent:
-        d.errback(SubmitRejected(0x0B))  # ESME_RINVDSTADR
+        d.errback(SubmitRejected(0x08))  # ESME_RSYSERR: the SMSC's trouble, worth another try
     client.sent = []
     clock.advance(0)
     [message] = table(store, messages)
     assert message["status"] == "queued" and message["attempts"] == 1
     clock.advance(60)
     assert client.sent == []  # retry_delay (10 min) not reached
+    service.stopService()
+
+
+def test_a_message_refused_for_good_is_failed_at_once(harness: Any) -> None:
+    """R3.7: an invalid number (ESME_RINVDSTADR) will not do better in 10 minutes."""
+    service, client, clock, store = harness
+    completed(store, "M-1")
+    service.startService()
+    clock.advance(0)
+    for _, d in client.sent:
+        d.errback(SubmitRejected(0x0B))
+    clock.advance(0)
+    [message] = table(store, messages)
+    assert (message["status"], message["attempts"], message["error"]) == ("failed", 1, "ESME_RINVDSTADR")
+    service.stopService()
+
+
+def test_a_slow_smsc_gets_a_bounded_number_of_copies_spaced_out(harness: Any) -> None:
+    """A submit with no answer in time may have been taken: sent again after a growing pause,
+    and after ``max_attempts`` time-outs failed and reported, not sent every response timeout."""
+    service, client, clock, store = harness
+    completed(store, "M-1")
+    service.startService()
+    clock.advance(0)
+    sends = 0  # times the message went out (each time, all its parts unanswered)
+    for _ in range(10):
+        sends += bool(client.sent)
+        for _, d in client.sent:
+            d.errback(SubmitTimedOut("no submit_sm_resp within the response timeout"))
+        client.sent = []
+        clock.advance(1)
+        if sends == 1:
+            clock.advance(3)
+            assert client.sent == []  # the pause (5 s) is not over
+        clock.advance(10)
+    [message] = table(store, messages)
+    assert sends == 3 and message["status"] == "failed" and "3 times" in message["error"]
     service.stopService()
 
 

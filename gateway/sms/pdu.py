@@ -206,8 +206,13 @@ class DeliverSm:
 
     @property
     def is_receipt(self) -> bool:
-        """SMSC delivery receipt (esm_class 0x04) or intermediate notification (0x08)."""
-        return self.esm_class & 0x3C in (0x04, 0x08)
+        """Not a citizen's text: a delivery receipt or notification of some kind.
+
+        The message type bits of ``esm_class`` (SMPP 3.4 section 5.2.12): 0x04 SMSC delivery
+        receipt, 0x08 SME delivery acknowledgement, 0x10 SME user acknowledgement, 0x18
+        conversation abort, 0x20 intermediate delivery notification; only 0 is a message.
+        """
+        return self.esm_class & 0x3C != 0
 
 
 class _Reader:

@@ -30,7 +30,14 @@ from twisted.python.failure import Failure
 from gateway.config import Config
 from gateway.sms.receipts import UnreadableReceipt, parse_receipt
 from gateway.sms.settings import SmsSettings
-from gateway.sms.smpp import DeliverSm, NotSubmitted, SubmitOutcomeUnknown, SubmitPart, SubmitRejected
+from gateway.sms.smpp import (
+    DeliverSm,
+    NotSubmitted,
+    SubmitOutcomeUnknown,
+    SubmitPart,
+    SubmitRejected,
+    SubmitTimedOut,
+)
 from gateway.sms.text import IncomingPart, encode_ucs2_parts
 from gateway.workdays import WorkingDayCalendar
 from storage.deferred import DeferredStore
@@ -43,6 +50,8 @@ log = logging.getLogger("gateway.sms")
 #: beyond the last one it saw, for transactions that committed late; other rounds start at the
 #: last one seen, so that a bulk import is not read again every second for ten minutes.
 SCAN_MARGIN = timedelta(minutes=10)
+#: After a submit had no answer in time, its message waits this long times the time-outs so far.
+TIMEOUT_PAUSE = timedelta(seconds=5)
 MARGIN_EVERY = 30
 
 
@@ -60,7 +69,9 @@ class _InFlight:
     total: int
     outstanding: set[int]
     error: str | None = None
+    permanent: bool = False  # the SMSC refused it for good: no retry (SPEC R3.7)
     unknown: bool = False
+    timed_out: bool = False  # a part had no answer in time on a link that stayed up
     acks: list[Ack] = field(default_factory=list)
 
 
@@ -94,6 +105,7 @@ class SmsService(service.Service):
         self._watermark = datetime(1970, 1, 1, tzinfo=UTC)
         self._rounds = 0
         self._in_flight: dict[int, _InFlight] = {}
+        self._timeouts: dict[int, int] = {}  # message id → submits that had no answer in time
         self._parts_in_flight = 0
         self._claiming = False
         self._pump_again = False
@@ -264,6 +276,10 @@ class SmsService(service.Service):
         if failure.check(SubmitRejected):
             self.counters["rejected"] += 1
             flight.error = getattr(failure.value, "name", None) or failure.getErrorMessage()
+            flight.permanent = flight.permanent or bool(getattr(failure.value, "permanent", False))
+        elif failure.check(SubmitTimedOut):
+            self.counters["unknown"] += 1
+            flight.unknown = flight.timed_out = True
         elif failure.check(SubmitOutcomeUnknown, NotSubmitted):
             self.counters["unknown"] += 1
             flight.unknown = True
@@ -281,6 +297,8 @@ class SmsService(service.Service):
         if not flight.outstanding:
             self._in_flight.pop(flight.message.id, None)
             complete = flight.error is None and not flight.unknown
+            if complete:
+                self._timeouts.pop(flight.message.id, None)
             if flight.acks and complete:
                 last = flight.acks[-1]
                 flight.acks[-1] = Ack(last.message_id, last.attempt, last.seq, last.total, last.smsc_id, True)
@@ -290,11 +308,14 @@ class SmsService(service.Service):
                 error = flight.error
                 now = self._now()
                 message = flight.message
+                final = {message.id} if flight.permanent else set()
                 self._after_flush(
                     lambda: self.sms_store.fail_attempts(
-                        {message.id: error}, attempts={message.id: message.attempt}, now=now
+                        {message.id: error}, attempts={message.id: message.attempt}, now=now, final=final
                     )
                 )
+            elif flight.timed_out:
+                self._timed_out(flight.message)
             elif flight.unknown:
                 self._after_flush(lambda: self.sms_store.release_messages([flight.message.id], owner=self.owner))
             self.pump()
@@ -303,6 +324,31 @@ class SmsService(service.Service):
             self._acks.extend(flight.acks)
             flight.acks = []
         self._schedule_flush()
+
+    def _timed_out(self, message: OutgoingMessage) -> None:
+        """A part had no answer in time: the SMSC is slow, or lost it; it may have taken it.
+
+        The unanswered parts go again (never the acknowledged ones, R3.7), after a pause that
+        grows with each time-out; after ``max_attempts`` time-outs the message is failed and
+        reported. A slow SMSC thus gets a bounded number of copies, not one every timeout.
+        """
+        timeouts = self._timeouts.get(message.id, 0) + 1
+        if timeouts >= self.sms_store.settings.max_attempts:
+            self._timeouts.pop(message.id, None)
+            error = f"no submit_sm_resp in time, {timeouts} times"
+            now = self._now()
+            self._after_flush(
+                lambda: self.sms_store.fail_attempts(
+                    {message.id: error}, attempts={message.id: message.attempt}, now=now, final={message.id}
+                )
+            )
+            return
+        self._timeouts[message.id] = timeouts
+        not_before = self._now() + TIMEOUT_PAUSE * timeouts
+        log.warning("event=sms.submit_timed_out message=%s times=%s", message.id, timeouts)
+        self._after_flush(
+            lambda: self.sms_store.release_messages([message.id], owner=self.owner, not_before=not_before)
+        )
 
     def _after_flush(self, work: Callable[[], Any]) -> None:
         """Run ``work`` in the store after the acknowledgements before it are kept."""

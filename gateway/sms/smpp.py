@@ -25,9 +25,11 @@ its own window of outstanding submits, because after a dropped link smpplib does
 went unanswered.
 
 Every submit's Deferred fires exactly once: with the SMSC's message_id, or with
-:class:`SubmitRejected`, :class:`SubmitOutcomeUnknown` or :class:`NotSubmitted`. Throttling
-(``ESME_RTHROTTLED``, ``ESME_RMSGQFUL``) never reaches the caller: the same part is sent again
-after a pause, at a lower pace (issue 4: slow down, never drop).
+:class:`SubmitRejected`, :class:`SubmitOutcomeUnknown` (:class:`SubmitTimedOut` when the link
+stayed up) or :class:`NotSubmitted`. Throttling (``ESME_RTHROTTLED``, ``ESME_RMSGQFUL``, also
+as a ``generic_nack``) never reaches the caller: the same part is sent again after a pause, at a
+lower pace (issue 4: slow down, never drop). ``ESME_RINVBNDSTS`` (the SMSC lost the session)
+rebinds and sends the part again.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from gateway.config import SmppConfig
-from gateway.sms.link import THROTTLING_STATUSES, Backoff, Pacer, Window, is_permanent
+from gateway.sms.link import ESME_RMSGQFUL, THROTTLING_STATUSES, Backoff, Pacer, Window, is_permanent
 from gateway.sms.pdu import (
     DATA_SM,
     DELIVER_SM,
@@ -78,6 +80,7 @@ ESME_ROK = 0x00
 ESME_RINVCMDLEN = 0x02
 ESME_RINVCMDID = 0x03
 ESME_RX_T_APPN = 0x64
+ESME_RINVBNDSTS = 0x04
 GENERIC_NACK = 0x80000000
 SUBMIT_SM_RESP = 0x80000004
 
@@ -125,6 +128,14 @@ class SubmitOutcomeUnknown(Exception):
     """The submit was written to the socket, but no answer came: the link dropped or it timed out.
 
     The SMSC may or may not have accepted it; sending it again may deliver it twice.
+    """
+
+
+class SubmitTimedOut(SubmitOutcomeUnknown):
+    """No answer within the response timeout on a link that stays up: a slow or overloaded SMSC.
+
+    Sending again at once would likely deliver it twice and load the SMSC more; the gateway
+    counts it as a failed attempt instead, retried after ``retry_delay`` (bounded, SPEC R3.7).
     """
 
 
@@ -220,6 +231,7 @@ def _host_port(host: str, port: int) -> str:
 class _Queued:
     token: int
     part: SubmitPart
+    queue_full: int = 0  # times the SMSC answered ESME_RMSGQFUL for it
 
 
 @dataclass
@@ -487,7 +499,7 @@ class _Link:
                     conn.enquire_deadline = now + self.config.response_timeout
         for entry in self.window.expired(now):
             self.errors_total += 1
-            self._unknown(entry.item.token, "no submit_sm_resp within the response timeout")
+            self._events.append(("timed_out", entry.item.token, "no submit_sm_resp within the response timeout"))
 
     def _connect(self, now: float) -> None:
         """Start connecting each connection of the link to the first address of the SMSC that takes it.
@@ -778,30 +790,54 @@ class _Link:
             self.submitted_total += 1
             self._events.append(("ok", token, message_id))
         elif status in THROTTLING_STATUSES:
-            self.throttled_total += 1
-            before = self.pacer.pace(now)
-            resume = self.pacer.throttled(now, entry.sent_at)
-            if self._stopping:
-                self._events.append(("not_submitted", token))
-            else:
-                self.retry.append(entry.item)  # the same part goes again, before the queue, in order
-            after = self.pacer.pace(now)
-            (log.info if after < before else log.debug)(
-                "event=smpp.throttled status=%s pace=%.2f resume_in=%.2f",
-                status_name(status),
-                after,
-                max(0.0, resume - now),
-            )
+            self._throttled(entry, status, now)
+        elif status == ESME_RINVBNDSTS:
+            # The SMSC lost our session (a failover): the part was not taken. It goes again
+            # first, on a new bind.
+            self.errors_total += 1
+            self.retry.append(entry.item)
+            self._begin_drain("the SMSC answered ESME_RINVBNDSTS: it no longer knows this bind", now)
         else:
             self.errors_total += 1
             self._events.append(("rejected", token, status))
+
+    def _throttled(self, entry: Any, status: int, now: float) -> None:
+        """Slow the link down (SPEC R3.7: a throttled re-send never loses the mapping).
+
+        ``ESME_RTHROTTLED`` is about the link: the same part goes again first, when the pause
+        ends. ``ESME_RMSGQFUL`` is often one destination's full queue: the part goes again after
+        those waiting, so that one handset's queue cannot hold the head of the link at every
+        pause. Neither is dropped, nor counted as a failed attempt.
+        """
+        self.throttled_total += 1
+        before = self.pacer.pace(now)
+        resume = now
+        if status == ESME_RMSGQFUL:
+            entry.item.queue_full += 1
+        if entry.item.queue_full <= 1:  # the same part full again is its destination, not the link
+            resume = self.pacer.throttled(now, entry.sent_at)
+        if self._stopping:
+            self._events.append(("not_submitted", entry.item.token))
+        elif status == ESME_RMSGQFUL:
+            self.pending.append(entry.item)
+        else:
+            self.retry.append(entry.item)  # the same part goes again, before the queue, in order
+        after = self.pacer.pace(now)
+        (log.info if after < before else log.debug)(
+            "event=smpp.throttled status=%s pace=%.2f resume_in=%.2f",
+            status_name(status),
+            after,
+            max(0.0, resume - now),
+        )
 
     def _generic_nack(self, conn: _Connection, header: Header) -> None:
         if conn.phase == "binding" and header.sequence == conn.bind_sequence:
             raise LinkDropped(f"the SMSC refused the bind with generic_nack {status_name(header.status)}")
         log.warning("event=smpp.generic_nack status=%s", status_name(header.status))
         entry = self.window.close(header.sequence) if header.sequence else None
-        if entry is not None:
+        if entry is not None and header.status in THROTTLING_STATUSES:  # some SMSCs throttle this way
+            self._throttled(entry, header.status, self._clock())
+        elif entry is not None:
             self.errors_total += 1
             self._events.append(("rejected", entry.item.token, header.status or ESME_RINVCMDID))
 
@@ -1045,6 +1081,8 @@ class SmppClient(Service):
                 self._fail(event[1], SubmitRejected(event[2]))
             elif kind == "unknown":
                 self._fail(event[1], SubmitOutcomeUnknown(event[2]))
+            elif kind == "timed_out":
+                self._fail(event[1], SubmitTimedOut(event[2]))
             elif kind == "not_submitted":
                 self._fail(event[1], NotSubmitted("the SMPP client stopped before sending the part"))
             elif kind == "rejected_locally":
