@@ -241,7 +241,7 @@ sms_inbox = Table(
     metadata,
     Column("id", Id, primary_key=True, autoincrement=True),
     Column("kind", String(8), nullable=False),  # reply | receipt
-    Column("status", String(10), nullable=False),  # pending | done | unmatched
+    Column("status", String(10), nullable=False),  # pending | done | unmatched | unreadable
     Column("phone_hash", String(64), nullable=True),
     Column("phone_enc", LargeBinary, nullable=True),
     Column("destination_addr", String(21), nullable=True),

@@ -84,6 +84,7 @@ class OutgoingMessage:
     attempt: int
     concat_ref: int
     acknowledged: frozenset[int] = field(default_factory=frozenset)
+    urgent: bool = False  # an answer to the citizen's own message (SPEC R3.7a), not bulk
 
 
 @dataclass(frozen=True)
@@ -614,8 +615,9 @@ class SmsStore:
                 attempt=attempts,
                 concat_ref=concat_reference(message_id, attempts),
                 acknowledged=frozenset(acked.get((message_id, attempts), ())),
+                urgent=priority < PRIORITY_BULK,
             )
-            for message_id, phone_enc, source, body, attempts, _ in rows
+            for message_id, phone_enc, source, body, attempts, priority in rows
         ]
 
     def renew_leases(self, owner: str, message_ids: Sequence[int], *, lease: float, now: datetime | None = None) -> int:
@@ -783,6 +785,24 @@ class SmsStore:
     ) -> str:
         """Keep a receipt and apply it to its part; returns matched | unmatched | repeat."""
         return self.store_receipts([(smsc_id, state, error)], now=now)[0]
+
+    def store_unreadable_receipt(self, text: bytes, *, now: datetime | None = None) -> None:
+        """Keep a receipt that names no message id or no state, for review (never guessed, R3.7).
+
+        Its text is the SMSC's (ids, states, dates and at most the first characters of our own
+        message), not the citizen's. Status ``unreadable`` in ``sms_inbox``.
+        """
+        body = text.decode("latin-1")[:500]
+        with self.store.engine.begin() as connection:
+            connection.execute(
+                insert(sms_inbox).values(
+                    kind="receipt",
+                    status="unreadable",
+                    dedupe_key=hashlib.sha256(text).hexdigest(),
+                    body=body,
+                    received_at=now or utcnow(),
+                )
+            )
 
     def store_receipts(
         self, receipts: Sequence[tuple[str, DeliveryState, str | None]], *, now: datetime | None = None

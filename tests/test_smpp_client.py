@@ -953,3 +953,26 @@ def test_a_submit_answered_after_the_timeout_is_reported_as_timed_out() -> None:
 
     result = with_client({"fault": Fault(response_delay=0.6)}, scenario, response_timeout=0.3)
     assert isinstance(result, SubmitTimedOut)
+
+
+def test_answers_go_ahead_of_the_bulk_parts_waiting_and_bulk_can_be_withdrawn() -> None:
+    """SPEC R3.7a: replies ahead of bulk; R3.2: bulk not written yet goes back when asked."""
+    bulk = [part(i) for i in range(8)]
+    answer = dataclasses.replace(part(99), urgent=True)
+
+    async def scenario(reactor: Any, smsc: Smsc, client: SmppClient, ticker: Ticker) -> Any:
+        await client.when_bound()
+        outcomes = Outcomes()
+        for i, p in enumerate(bulk):
+            outcomes.watch(i, client.submit(p))
+        outcomes.watch(99, client.submit(answer))
+        await sleep(reactor, 0.25)  # at 10/s, two or three bulk parts went first
+        client.withdraw_bulk()
+        await until(reactor, lambda: len(outcomes.results) == 9, 5, "every submit resolved")
+        return outcomes, [r.destination for r in smsc.submits()]
+
+    outcomes, order = with_client({}, scenario, rate=10.0)
+    assert order.index(answer.destination) <= 2  # not behind the eight bulk parts
+    withdrawn = outcomes.of_kind(NotSubmitted)
+    assert withdrawn and 99 not in withdrawn and len(outcomes.ids()) + len(withdrawn) == 9
+    assert {bulk[i].destination for i in withdrawn}.isdisjoint(order)  # never written

@@ -20,10 +20,10 @@ from gateway.rating import ServiceKind
 from gateway.sms.schedule import ScheduleSettings
 from gateway.sms.service import SmsService
 from gateway.sms.settings import SmsSettings
-from gateway.sms.smpp import DeliverSm, SubmitOutcomeUnknown, SubmitPart, SubmitRejected, SubmitTimedOut
+from gateway.sms.smpp import DeliverSm, NotSubmitted, SubmitOutcomeUnknown, SubmitPart, SubmitRejected, SubmitTimedOut
 from gateway.sms.text import split_udh
 from gateway.workdays import WorkingDayCalendar
-from storage.schema import message_parts, messages, ratings
+from storage.schema import message_parts, messages, ratings, sms_inbox
 from storage.sms import SmsStore
 from storage.store import Store
 
@@ -43,6 +43,16 @@ class ScriptedClient:
 
     def state(self) -> dict[str, Any]:
         return {"bound": True, "window_in_use": 0, "window": 10, "rate": 50.0}
+
+    def withdraw_bulk(self) -> None:
+        """As the real client: bulk parts not answered yet fail with NotSubmitted."""
+        kept = []
+        for part, d in self.sent:
+            if part.urgent:
+                kept.append((part, d))
+            else:
+                d.errback(NotSubmitted("withdrawn"))
+        self.sent = kept
 
     def answer_all(self, prefix: str = "id") -> None:
         waiting, self.sent = self.sent, []
@@ -272,4 +282,37 @@ def test_parts_waiting_longer_than_the_lease_are_sent_once_and_the_lease_is_kept
     client.answer_all()
     clock.advance(0)
     assert table(store, messages)[0]["status"] == "submitted"
+    service.stopService()
+
+
+def test_bulk_parts_waiting_in_the_client_go_back_to_the_store_when_the_quiet_hours_begin(harness: Any) -> None:
+    """SPEC R3.2 at the moment of sending: an invitation claimed at 20:59 whose parts still wait
+    for the SMSC (a link down, a throttled one) at 21:00 is sent in the morning, not at 21:40;
+    an answer to a citizen's own message still goes."""
+    service, client, clock, store = harness
+    clock.advance(datetime(2026, 11, 24, 12, 59, tzinfo=UTC).timestamp() - clock.seconds())  # 20:59 Shanghai
+    completed(store, "M-1", at=datetime(2026, 11, 24, 12, 58, tzinfo=UTC))
+    service.startService()
+    clock.advance(0)
+    assert len(client.sent) == 2  # claimed and handed to the client, not answered yet
+    clock.advance(61)  # 21:00:01: the next scheduler round
+    assert client.sent == []
+    clock.advance(0)
+    [message] = table(store, messages)
+    assert (message["status"], message["claimed_by"], message["attempts"]) == ("queued", None, 0)
+    clock.advance(600)
+    assert client.sent == []  # the claims leave it alone until 08:00
+    service.stopService()
+
+
+def test_an_unreadable_receipt_is_kept_for_review_before_it_is_acknowledged(harness: Any) -> None:
+    """R3.7: a receipt without a message id or a state is never guessed at, and never thrown away."""
+    service, _client, clock, store = harness
+    service.startService()
+    pdu = DeliverSm("13800138000", "10690012345", 0x04, 0, b"sub:001 dlvrd:001 err:000", None, None)
+    acknowledged = service.on_deliver(pdu)
+    clock.advance(0)
+    assert acknowledged.called
+    [kept] = table(store, sms_inbox)
+    assert (kept["kind"], kept["status"], kept["body"]) == ("receipt", "unreadable", "sub:001 dlvrd:001 err:000")
     service.stopService()

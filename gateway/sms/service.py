@@ -172,8 +172,21 @@ class SmsService(service.Service):
             if queued:
                 log.info("event=sms.scheduled messages=%s", queued)
                 self.pump()
+            self._hold_bulk_in_quiet_hours(now)
         except Exception as exc:  # the store is down: the next round tries again
             log.warning("event=sms.schedule_failed error=%s", type(exc).__name__)
+
+    def _hold_bulk_in_quiet_hours(self, now: datetime) -> None:
+        """In the quiet hours (SPEC R3.2), bulk parts still waiting in the client go back to the store.
+
+        Messages are claimed only outside the quiet hours, but parts claimed before them can
+        wait in the client for a link that is down or throttled; given back, they wait for the
+        morning in the store instead. Answers to a citizen's own message still go.
+        """
+        quiet = self.sms_store.settings.schedule.quiet_hours
+        withdraw = getattr(self.client, "withdraw_bulk", None)
+        if self._parts_in_flight and withdraw is not None and quiet is not None and quiet.contains(now):
+            withdraw()
 
     def _tidy(self) -> defer.Deferred[Any]:
         now = self._now()
@@ -263,6 +276,7 @@ class SmsService(service.Service):
                     short_message=part.short_message,
                     esm_class=part.esm_class,
                     registered_delivery=1 if self.sms_store.settings.delivery_receipts else 0,
+                    urgent=message.urgent,
                 )
             )
             d.addCallbacks(self._acknowledged, self._refused, callbackArgs=(flight, seq), errbackArgs=(flight, seq))
@@ -400,8 +414,9 @@ class SmsService(service.Service):
                     message_state=pdu.message_state,
                 )
             except UnreadableReceipt as exc:
+                # Kept for review, then acknowledged: sending it again would not make it readable.
                 log.warning("event=sms.receipt_unreadable why=%s", exc)
-                return defer.succeed(None)  # acknowledged: sending it again would not make it readable
+                return self.store.run(self.sms_store.store_unreadable_receipt, pdu.short_message, now=self._now())
             waiter: defer.Deferred[Any] = defer.Deferred()
             self._receipts.append(((receipt.message_id, receipt.state, receipt.error), waiter))
             self._flush_receipts_soon()

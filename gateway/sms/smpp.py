@@ -111,6 +111,7 @@ class SubmitPart:
     esm_class: int  # 0x40 when a UDH is present
     data_coding: int = 8
     registered_delivery: int = 1
+    urgent: bool = False  # an answer to a citizen's own message: ahead of bulk (SPEC R3.7a)
 
 
 class SubmitRejected(Exception):
@@ -297,6 +298,7 @@ class _Link:
             stable_after=max(config.reconnect_max_delay, config.enquire_link_interval),
         )
         self.pending: deque[_Queued] = deque()
+        self.urgent: deque[_Queued] = deque()  # answers to citizens, sent before the pending bulk
         self.retry: deque[_Queued] = deque()  # throttled parts, sent again before the pending ones
         self.connections: list[_Connection] = []
         self._next_ident = 0
@@ -397,7 +399,7 @@ class _Link:
         deadline = self.window.next_deadline()
         if deadline is not None:
             times.append(deadline)
-        if (self.pending or self.retry) and self.bound and self.window.has_room and not self._stopping:
+        if (self.pending or self.urgent or self.retry) and self.bound and self.window.has_room and not self._stopping:
             times.append(self.pacer.next_send_at(now))
         if self._stopping:
             times.append(self._stop_deadline)
@@ -434,11 +436,26 @@ class _Link:
                 if self._stopping:
                     self._events.append(("not_submitted", command[1]))
                 else:
-                    self.pending.append(_Queued(command[1], command[2]))
+                    self._queue(_Queued(command[1], command[2]))
             elif kind == "ack":
                 self._ack(command[1], command[2], command[3], command[4])
             elif kind == "stop":
                 self._begin_stop(now)
+            elif kind == "withdraw_bulk":
+                self._withdraw_bulk()
+
+    def _queue(self, queued: _Queued) -> None:
+        (self.urgent if queued.part.urgent else self.pending).append(queued)
+
+    def _withdraw_bulk(self) -> None:
+        """Give back the bulk parts not written yet: they wait in the store, not here (SPEC R3.2)."""
+        for waiting in (self.retry, self.pending):
+            kept = [queued for queued in waiting if queued.part.urgent]
+            for queued in waiting:
+                if not queued.part.urgent:
+                    self._events.append(("not_submitted", queued.token))
+            waiting.clear()
+            waiting.extend(kept)
 
     def _ack(self, ident: int, sequence: int, status: int, response: str) -> None:
         """deliver_sm_resp once the gateway has stored the message (SPEC R3.7a), ahead of submits."""
@@ -453,7 +470,7 @@ class _Link:
             return
         self._stopping = True
         self._stop_deadline = now + self.config.response_timeout
-        for waiting in (self.retry, self.pending):
+        for waiting in (self.retry, self.urgent, self.pending):
             while waiting:
                 self._events.append(("not_submitted", waiting.popleft().token))
 
@@ -643,9 +660,9 @@ class _Link:
             return
         conn = next(c for c in self.connections if c.sends)
         config = self.config
-        pacer, window, pending, retry = self.pacer, self.window, self.pending, self.retry
-        while (retry or pending) and window.has_room and pacer.ready(now):
-            queued = retry.popleft() if retry else pending.popleft()
+        pacer, window, pending, urgent, retry = self.pacer, self.window, self.pending, self.urgent, self.retry
+        while (retry or urgent or pending) and window.has_room and pacer.ready(now):
+            queued = retry.popleft() if retry else urgent.popleft() if urgent else pending.popleft()
             part = queued.part
             sequence = conn.client.next_sequence()
             try:
@@ -819,7 +836,7 @@ class _Link:
         if self._stopping:
             self._events.append(("not_submitted", entry.item.token))
         elif status == ESME_RMSGQFUL:
-            self.pending.append(entry.item)
+            self._queue(entry.item)
         else:
             self.retry.append(entry.item)  # the same part goes again, before the queue, in order
         after = self.pacer.pace(now)
@@ -939,7 +956,7 @@ class _Link:
         """However the loop ended, every submit it holds is resolved, and the reactor is told."""
         for entry in self.window.drain():
             self._unknown(entry.item.token, "the client stopped before the SMSC answered")
-        for waiting in (self.retry, self.pending):
+        for waiting in (self.retry, self.urgent, self.pending):
             while waiting:
                 self._events.append(("not_submitted", waiting.popleft().token))
         while True:
@@ -1008,6 +1025,15 @@ class SmppClient(Service):
         self._waiting[token] = waiting
         self._link.command("submit", token, part)
         return waiting
+
+    def withdraw_bulk(self) -> None:
+        """Bulk parts not written yet fail with :class:`NotSubmitted`, to be claimed again later.
+
+        The quiet hours (SPEC R3.2) are checked when messages are claimed; parts that waited here
+        for a link that was down or throttled must not go out after they begin.
+        """
+        if not self._stopping:
+            self._link.command("withdraw_bulk")
 
     def when_bound(self) -> defer.Deferred[None]:
         if self._bound:
