@@ -7,12 +7,14 @@ accepted finish writing, then the store's threads end. Channels not configured a
 
 from __future__ import annotations
 
+import errno
 import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.application import internet, service
 from twisted.internet import defer
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IReactorCore, IReactorTCP, IReactorTime
 
 from gateway.config import Config
@@ -27,17 +29,37 @@ from storage.store import Store
 log = logging.getLogger("gateway.app")
 
 
-class SequentialMultiService(service.MultiService):
-    """Stops its services one by one, last added first, each only after the one before.
+class ServiceStartError(Exception):
+    """A service of the gateway could not start; the ones before it are running and must be stopped."""
 
-    The listeners stop (and finish their calls' writes) before the store's threads end.
+    def __init__(self, service_name: str, error: BaseException) -> None:
+        super().__init__(f"{service_name}: {error}")
+        self.service_name = service_name
+        self.error = error
+
+
+class SequentialMultiService(service.MultiService):
+    """Starts its services in order and stops them one by one, last added first.
+
+    The listeners stop (and finish their calls' writes) before the store's threads end. When a
+    service fails to start, the ones after it are never started, and stopping stops only those
+    that did: a half-started gateway can be stopped cleanly.
     """
+
+    def startService(self) -> None:
+        service.Service.startService(self)
+        for child in self:
+            try:
+                child.startService()
+            except Exception as error:
+                raise ServiceStartError(child.name or type(child).__name__, error) from error
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
         service.Service.stopService(self)
         for child in reversed(list(self)):
-            yield defer.maybeDeferred(child.stopService)
+            if child.running:
+                yield defer.maybeDeferred(child.stopService)
 
 
 @dataclass
@@ -58,8 +80,8 @@ class Gateway:
 
 def build_gateway(config: Config, reactor: Any, *, store: Store | None = None) -> Gateway:
     """Compose the services; nothing listens until ``root.startService()``."""
-    store = store or Store.from_config(config)
     calendar = WorkingDayCalendar.from_override_file(config.calendar.override_file or None)
+    store = store or Store.from_config(config)
     root = SequentialMultiService()
     deferred_store = DeferredStore(store, reactor, config.store.threads)
     deferred_store.setServiceParent(root)
@@ -113,9 +135,24 @@ def health_report(gateway: Gateway) -> defer.Deferred[dict[str, Any]]:
 
 
 def run(config: Config, reactor: IReactorCore | IReactorTCP | IReactorTime | Any) -> int:
-    """Start every service and run the reactor until SIGTERM/SIGINT."""
+    """Start every service and run the reactor until SIGTERM/SIGINT.
+
+    Returns 0 after a stop asked for, 1 when a service could not start (a port in use, say):
+    what had started is stopped, and the non-zero status lets systemd's Restart=on-failure act.
+    """
     gateway = build_gateway(config, reactor)
-    reactor.callWhenRunning(gateway.root.startService)
+    exit_status = 0
+
+    def start() -> None:
+        nonlocal exit_status
+        try:
+            gateway.root.startService()
+        except ServiceStartError as failure:
+            exit_status = 1
+            log_start_failure(failure)
+            reactor.stop()
+
+    reactor.callWhenRunning(start)
     reactor.addSystemEventTrigger("before", "shutdown", gateway.root.stopService)
     listening = [
         f"{name}={getattr(config, name).host}:{getattr(config, name).port}"
@@ -124,5 +161,26 @@ def run(config: Config, reactor: IReactorCore | IReactorTCP | IReactorTime | Any
     ]
     log.info("event=gateway.start store=%s %s", gateway.store.engine.dialect.name, " ".join(listening))
     reactor.run()
-    log.info("event=gateway.stopped")
-    return 0
+    log.info("event=gateway.stopped exit_status=%d", exit_status)
+    return exit_status
+
+
+def log_start_failure(failure: ServiceStartError) -> None:
+    """One error line: for a listener, which address and port, and why (an errno name, no spaces)."""
+    error = failure.error
+    if isinstance(error, CannotListenError):
+        code = getattr(error.socketError, "errno", None)
+        log.error(
+            "event=gateway.cannot_listen service=%s address=%s port=%s error=%s",
+            failure.service_name,
+            error.interface or "*",
+            error.port,
+            errno.errorcode.get(code, type(error.socketError).__name__),  # EADDRINUSE, EACCES, ...
+        )
+    else:
+        log.error(
+            "event=gateway.start_failed service=%s error=%s",
+            failure.service_name,
+            type(error).__name__,
+            exc_info=error,
+        )

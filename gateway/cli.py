@@ -6,15 +6,21 @@ Errors people will see are sentences on stderr and a non-zero exit status, never
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
+import re
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gateway.config import Config, ConfigError, load_config
+
+if TYPE_CHECKING:
+    from storage.store import Store
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -25,6 +31,50 @@ EXIT_DIFFERENCES = 4
 
 def _load(args: argparse.Namespace) -> Config:
     return load_config(args.config or os.environ.get("GATEWAY_CONFIG") or None)
+
+
+class DataDirError(Exception):
+    """``[store] data_dir`` cannot be created or written; the message says which, why, and what to do."""
+
+
+def prepare_data_dir(config: Config) -> None:
+    """Create the data directory if it is used, readable by this user only, and check it can be written.
+
+    It holds the SQLite store (masked phones, comments, the audit log) and the generated keys
+    (SPEC R5.1): a directory the gateway creates is mode 0700, its new SQLite file 0600. A
+    directory that already exists keeps its mode. With PostgreSQL and both keys configured,
+    nothing is kept there and nothing is created.
+    """
+    store_is_in_data_dir = not config.store.url.strip()
+    keys_are_in_data_dir = not (config.privacy.encryption_key and config.privacy.phone_hash_key)
+    if not (store_is_in_data_dir or keys_are_in_data_dir):
+        return
+    path = config.data_dir
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except FileExistsError:
+        raise DataDirError(f"[store] data_dir {path} is a file, not a directory; name a directory") from None
+    except OSError as error:
+        raise DataDirError(
+            f"[store] data_dir {path} cannot be created ({error.strerror or error}); "
+            "create it for the gateway's user, or name another directory"
+        ) from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise DataDirError(
+            f"[store] data_dir {path} is not writable by this user; "
+            "give the gateway's user write access to it, or name another directory"
+        )
+    if store_is_in_data_dir:
+        database = Path(config.store.effective_url.removeprefix("sqlite:///"))
+        with contextlib.suppress(FileExistsError):  # SQLite takes an empty file as a new database
+            os.close(os.open(database, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
+def _open_store(config: Config, *, upgrade: bool = True) -> Store:
+    from storage.store import Store
+
+    prepare_data_dir(config)
+    return Store.from_config(config, upgrade=upgrade)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -49,17 +99,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     # pauses every call for a few ms, not 65-85 ms (docs/performance.md).
     gc.set_threshold(10_000, 10, 10)
     reactor.callWhenRunning(gc.freeze)
+    prepare_data_dir(config)
     return run(config, reactor)
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
     config = _load(args)
+    from gateway.privacy import DataProtector, KeyFileError
     from gateway.workdays import CalendarOverrideError, WorkingDayCalendar
 
+    problems: list[str] = []
     try:
         WorkingDayCalendar.from_override_file(config.calendar.override_file or None)
     except CalendarOverrideError as error:
-        print(f"{config.source}: [calendar] override_file: {error}", file=sys.stderr)
+        problems.append(f"{config.source}: [calendar] override_file: {error}")
+    privacy = config.privacy
+    if not (privacy.encryption_key and privacy.phone_hash_key) and (config.data_dir / "keys.toml").exists():
+        try:  # the file exists, so reading it creates nothing
+            DataProtector.from_settings(privacy.encryption_key, privacy.phone_hash_key, config.data_dir)
+        except KeyFileError as error:
+            problems.append(str(error))
+    if problems:
+        print("the configuration has problems:", file=sys.stderr)
+        for problem in problems:
+            print(f"  {problem}", file=sys.stderr)
         return EXIT_ERROR
     print(f"configuration OK ({config.source})")
     print(f"store: {_safe_url(config.store.effective_url)}")
@@ -77,10 +140,9 @@ def _safe_url(url: str) -> str:
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     from storage import migrate
-    from storage.store import Store
 
     config = _load(args)
-    store = Store.from_config(config, upgrade=False)
+    store = _open_store(config, upgrade=False)
     before = migrate.current_revision(store.engine)
     migrate.upgrade(store.engine)
     after = migrate.current_revision(store.engine)
@@ -92,10 +154,9 @@ def cmd_import(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from gateway.csv_import import ImportFileError, import_csv
-    from storage.store import Store
 
     config = _load(args)
-    store = Store.from_config(config)
+    store = _open_store(config)
     path = Path(args.file)
     with tqdm(unit=" rows", desc=path.name, disable=args.quiet, file=sys.stderr, mininterval=0.5) as bar:
         try:
@@ -122,9 +183,9 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_token_create(args: argparse.Namespace) -> int:
-    from storage.store import Store, StoreError
+    from storage.store import StoreError
 
-    store = Store.from_config(_load(args))
+    store = _open_store(_load(args))
     try:
         token = store.create_token(args.role, args.name)
     except StoreError as error:
@@ -136,9 +197,7 @@ def cmd_token_create(args: argparse.Namespace) -> int:
 
 
 def cmd_token_list(args: argparse.Namespace) -> int:
-    from storage.store import Store
-
-    tokens = Store.from_config(_load(args)).list_tokens()
+    tokens = _open_store(_load(args)).list_tokens()
     if args.json:
         print(json.dumps(tokens, ensure_ascii=False, indent=2))
         return EXIT_OK
@@ -150,19 +209,16 @@ def cmd_token_list(args: argparse.Namespace) -> int:
 
 
 def cmd_token_revoke(args: argparse.Namespace) -> int:
-    from storage.store import Store
-
     if not args.ids and args.name is None:
         print("name the tokens to revoke: their ids (see `gateway token list`) or --name", file=sys.stderr)
         return EXIT_USAGE
-    revoked = Store.from_config(_load(args)).revoke_tokens(ids=args.ids, name=args.name)
+    revoked = _open_store(_load(args)).revoke_tokens(ids=args.ids, name=args.name)
     print(f"{revoked} token(s) revoked; a running gateway refuses them within 30 s (its cache)")
     return EXIT_OK if revoked else EXIT_ERROR
 
 
 def cmd_ratings(args: argparse.Namespace) -> int:
     from gateway.intake import parse_timestamp
-    from storage.store import Store
 
     filters = {
         "call_id": args.call_id,
@@ -182,7 +238,7 @@ def cmd_ratings(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     if until is not None and len(args.until.strip()) == 10:
         until += timedelta(days=1)
-    store = Store.from_config(_load(args))
+    store = _open_store(_load(args))
     rows = store.find_ratings(**filters, since=since, until=until, limit=args.limit)
     store.audit("cli", "ratings.lookup", None, {k: v for k, v in filters.items() if v})
     if args.json:
@@ -209,7 +265,6 @@ def cmd_ratings(args: argparse.Namespace) -> int:
 def cmd_reconcile(args: argparse.Namespace) -> int:
     """SPEC R7.3: a day's totals as stored, as pushed and as the platform holds them; 4 if they differ."""
     from gateway.platform.reconcile import format_text, reconcile
-    from storage.store import Store
 
     try:
         day = datetime.strptime(args.date, "%Y-%m-%d").date()
@@ -220,7 +275,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         print(f"--date {args.date!r} is not a day the gateway can have ratings of", file=sys.stderr)
         return EXIT_USAGE
     config = _load(args)
-    result = reconcile(Store.from_config(config), day, None if args.no_platform else config.platform)
+    result = reconcile(_open_store(config), day, None if args.no_platform else config.platform)
     print(json.dumps(result.as_json(), ensure_ascii=False, indent=2) if args.json else format_text(result))
     return EXIT_OK if result.consistent else EXIT_DIFFERENCES
 
@@ -304,12 +359,53 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as error:  # a last resort: a sentence, not a traceback
-        from sqlalchemy.exc import OperationalError
+        sentence = explain(error)
+        if sentence is None:
+            raise
+        print(hide_passwords(sentence), file=sys.stderr)
+        return EXIT_ERROR
 
+
+def explain(error: Exception) -> str | None:
+    """One line for a failure of the deployment (a path, a file, the database); None for a bug.
+
+    Only the database's first line is kept: its detail lines may quote the row's values.
+    """
+    from sqlalchemy.exc import DBAPIError, OperationalError
+
+    from gateway.privacy import KeyFileError
+    from gateway.workdays import CalendarOverrideError
+
+    if isinstance(error, DataDirError | KeyFileError | CalendarOverrideError):
+        return str(error)
+    if isinstance(error, ModuleNotFoundError) and (error.name or "").split(".")[0] in ("psycopg", "psycopg2"):
+        return (
+            "[store] url names PostgreSQL, but its driver psycopg is not installed; install the gateway's "
+            "[postgresql] extra: .venv/bin/pip install -e '.[postgresql]' in its checkout"
+        )
+    if isinstance(error, DBAPIError):
+        reason = str(error.orig).strip().splitlines()[0] if str(error.orig).strip() else type(error.orig).__name__
+        if getattr(error.orig, "sqlstate", None) == "42501":  # insufficient_privilege
+            return (
+                f"the store's database user lacks a permission: {reason}; grant it CREATE on the schema "
+                "(docs/configuration.md, PostgreSQL) or run `gateway db upgrade` as the schema's owner"
+            )
         if isinstance(error, OperationalError):
-            print(f"the store cannot be reached: {error.orig}", file=sys.stderr)
-            return EXIT_ERROR
-        raise
+            return f"the store cannot be reached: {reason}"
+        return f"the store refused a command: {reason}"
+    if isinstance(error, OSError):
+        where = f"{error.filename}: " if error.filename else ""
+        return f"{where}{error.strerror or error}"
+    return None
+
+
+_URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
+_CONNINFO_PASSWORD = re.compile(r"(password\s*=\s*)('[^']*'|\S+)", re.IGNORECASE)
+
+
+def hide_passwords(text: str) -> str:
+    """A database URL's or connection string's password, should one be quoted, becomes ``***``."""
+    return _CONNINFO_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", text))
 
 
 if __name__ == "__main__":

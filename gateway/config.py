@@ -169,6 +169,20 @@ def _positive_duration(value: Any) -> float:
     return seconds
 
 
+def _key_wait(value: Any) -> float:
+    """SPEC R2.3's wait for a key: Asterisk takes it in whole milliseconds, and 0 means no wait at all."""
+    seconds = parse_duration(value)
+    if seconds < 0.001:
+        raise ValueError(f"{value!r} must be at least 1ms; the caller needs time to press a key")
+    return seconds
+
+
+def _key_map(value: Any) -> KeyMap:
+    if not isinstance(value, Mapping):
+        raise ValueError('must be a table of key = level code, e.g. [agi.key_map] "1" = 5')
+    return KeyMap.from_config(value)
+
+
 def _byte(value: Any) -> int:
     number = _parse_int(value)
     if not 0 <= number <= 255:
@@ -236,17 +250,17 @@ class AgiConfig:
     host: str = _opt(_host)
     port: int = _opt(_port)
     backlog: int = _opt(_positive_int)
-    wait: float = _opt(parse_duration)
+    wait: float = _opt(_key_wait)
     max_attempts: int = _opt(_positive_int)
     prompt_dir: str = _opt(_parse_str)
     reason_menu: bool = _opt(_parse_bool)
     voice_comment: bool = _opt(_parse_bool)
     comment_max: float = _opt(parse_duration)
     comment_dir: str = _opt(_parse_str)
-    idle_timeout: float = _opt(parse_duration)
+    idle_timeout: float = _opt(_positive_duration)
     shutdown_grace: float = _opt(parse_duration)
     answer: bool = _opt(_parse_bool)
-    key_map: KeyMap = _opt(lambda v: KeyMap.from_config(v))
+    key_map: KeyMap = _opt(_key_map)
 
 
 @dataclass(frozen=True)
@@ -462,6 +476,15 @@ def _cross_checks(sections: dict[str, Any], origin: dict[tuple[str, str], str], 
                 f"{url.split('://')[0]!r} is not supported; use sqlite:/// or postgresql+psycopg://",
             )
         )
+    elif url and _is_in_memory_sqlite(url):
+        problems.append(
+            Problem(
+                where("store", "url"),
+                "[store] url",
+                "an in-memory SQLite store is empty for each connection and lost at exit; "
+                "name a file (sqlite:////var/lib/hcp-gateway/gateway.sqlite3) or leave it empty",
+            )
+        )
     platform = sections["platform"]
     if platform.enabled:
         for key in ("url", "app_id", "secret"):
@@ -510,14 +533,21 @@ def _cross_checks(sections: dict[str, Any], origin: dict[tuple[str, str], str], 
             )
         )
     listeners = [(s, sections[s]) for s in ("http", "agi", "smtp") if sections[s].enabled]
-    seen: dict[tuple[str, int], str] = {}
-    for name, listener in listeners:
-        address = (listener.host, listener.port)
-        if listener.port and address in seen:
+    for index, (name, listener) in enumerate(listeners):
+        if not listener.port:  # 0: a port the system picks, never one already taken
+            continue
+        clash = next(
+            (
+                other
+                for other, earlier in listeners[:index]
+                if earlier.port == listener.port and _same_listen_address(earlier.host, listener.host)
+            ),
+            None,
+        )
+        if clash is not None:
             problems.append(
-                Problem(where(name, "port"), f"[{name}] port", f"{listener.port} is also used by [{seen[address]}]")
+                Problem(where(name, "port"), f"[{name}] port", f"{listener.port} is also used by [{clash}]")
             )
-        seen[address] = name
     override = sections["calendar"].override_file
     if override and not Path(override).is_file():
         problems.append(
@@ -533,6 +563,41 @@ def _cross_checks(sections: dict[str, Any], origin: dict[tuple[str, str], str], 
             except KeyMaterialError as error:
                 problems.append(Problem(where("privacy", key), f"[privacy] {key}", str(error)))
     return problems
+
+
+def _is_in_memory_sqlite(url: str) -> bool:
+    """``sqlite://``, ``sqlite:///:memory:`` or ``mode=memory``: a database of each connection's own."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return False
+    if parsed.get_backend_name() != "sqlite":
+        return False
+    database = parsed.database or ""
+    return database in ("", ":memory:") or "mode=memory" in database or parsed.query.get("mode") == "memory"
+
+
+#: Hosts that listen on every address: a listener there takes the port from any other.
+_WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})
+
+
+def _listen_address(host: str) -> str:
+    """The address a listener's host binds: ``localhost`` is 127.0.0.1 (no other name is looked up)."""
+    if host.lower().rstrip(".") == "localhost":
+        return "127.0.0.1"
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return host.lower().rstrip(".")
+
+
+def _same_listen_address(first: str, second: str) -> bool:
+    """Whether two listeners on one port would take it from each other."""
+    first, second = _listen_address(first), _listen_address(second)
+    return first in _WILDCARD_HOSTS or second in _WILDCARD_HOSTS or first == second
 
 
 def _is_loopback_url(url: str) -> bool:

@@ -14,9 +14,15 @@ MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
 
 def alembic_config(engine: Engine) -> AlembicConfig:
+    """Alembic's settings for this engine; ``upgrade`` hands it the connection itself.
+
+    The URL is there only for Alembic's own command line. Its options go through ConfigParser,
+    which takes ``%`` for interpolation: a password with ``%`` in it (``p%40ss``) would fail to
+    parse, and the error would print it. ``%%`` is ConfigParser's escape for ``%``.
+    """
     config = AlembicConfig()
     config.set_main_option("script_location", str(MIGRATIONS))
-    config.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False))
+    config.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False).replace("%", "%%"))
     return config
 
 

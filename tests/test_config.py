@@ -179,3 +179,66 @@ def test_durations() -> None:
     assert parse_duration("250ms") == 0.25 and parse_duration(3) == 3.0
     with pytest.raises(ValueError, match="not a duration"):
         parse_duration("soon")
+
+
+@pytest.mark.parametrize(
+    ("environ", "complaint"),
+    [
+        ({"GATEWAY_AGI_WAIT": "0"}, "[agi] wait: '0' must be at least 1ms"),
+        ({"GATEWAY_AGI_WAIT": "0.5ms"}, "[agi] wait: '0.5ms' must be at least 1ms"),
+        ({"GATEWAY_AGI_IDLE_TIMEOUT": "0"}, "[agi] idle_timeout: '0' must be longer than 0"),
+        ({"GATEWAY_STORE_URL": "sqlite://"}, "[store] url: an in-memory SQLite store is empty for each connection"),
+        ({"GATEWAY_STORE_URL": "sqlite:///:memory:"}, "[store] url: an in-memory SQLite store"),
+    ],
+)
+def test_settings_that_would_break_the_service_are_refused(environ: dict[str, str], complaint: str) -> None:
+    """A wait of 0 crashed `run`, an idle timeout of 0 dropped every call, an in-memory store lost every token."""
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, environ=environ)
+    assert complaint in str(caught.value)
+
+
+def test_the_shortest_settings_that_still_serve_are_accepted(tmp_path: Path) -> None:
+    config = load_config(
+        None,
+        environ={
+            "GATEWAY_AGI_WAIT": "1ms",
+            "GATEWAY_AGI_IDLE_TIMEOUT": "1s",
+            "GATEWAY_AGI_SHUTDOWN_GRACE": "0s",
+            "GATEWAY_STORE_URL": f"sqlite:///{tmp_path}/gateway.sqlite3",
+        },
+    )
+    assert (config.agi.wait, config.agi.idle_timeout, config.agi.shutdown_grace) == (0.001, 1.0, 0.0)
+
+
+@pytest.mark.parametrize("written", ["5", '"1=5"', "[1, 2]"])
+def test_a_key_map_that_is_not_a_table_is_a_problem_not_a_crash(tmp_path: Path, written: str) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text(f"[agi]\nkey_map = {written}\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, environ={})
+    assert "[agi] key_map: must be a table of key = level code" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("http_host", "agi_host"),
+    [
+        ("127.0.0.1", "127.0.0.1"),
+        ("localhost", "127.0.0.1"),
+        ("0.0.0.0", "127.0.0.1"),
+        ("127.0.0.1", ""),
+        ("::", "::1"),
+        ("::1", "0:0:0:0:0:0:0:1"),
+    ],
+)
+def test_listeners_that_would_take_one_port_from_each_other_are_refused(http_host: str, agi_host: str) -> None:
+    environ = {"GATEWAY_HTTP_HOST": http_host, "GATEWAY_AGI_HOST": agi_host, "GATEWAY_AGI_PORT": "8080"}
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, environ=environ)
+    assert "[agi] port: 8080 is also used by [http]" in str(caught.value)
+
+
+@pytest.mark.parametrize(("http_host", "agi_host"), [("127.0.0.1", "127.0.0.2"), ("localhost", "::1")])
+def test_listeners_on_different_addresses_may_share_a_port(http_host: str, agi_host: str) -> None:
+    environ = {"GATEWAY_HTTP_HOST": http_host, "GATEWAY_AGI_HOST": agi_host, "GATEWAY_AGI_PORT": "8080"}
+    assert load_config(None, environ=environ).agi.port == 8080

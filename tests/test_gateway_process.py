@@ -201,6 +201,40 @@ def test_sigterm_stops_cleanly_and_keeps_accepted_records(tmp_path: Path) -> Non
         again.process.wait(timeout=30)
 
 
+@pytest.mark.parametrize(("busy", "log_format"), [("AGI", "text"), ("HTTP", "json")])
+def test_a_port_in_use_stops_the_gateway_with_one_error_and_a_failure_status(
+    tmp_path: Path, busy: str, log_format: str
+) -> None:
+    """It ran on half-started, without the listeners after the busy one, and exited 0 on SIGTERM:
+    systemd's Restart=on-failure never acted."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {
+            **os.environ,
+            "GATEWAY_STORE_DATA_DIR": str(tmp_path / "data"),
+            "GATEWAY_HTTP_PORT": str(free_port()),
+            "GATEWAY_AGI_PORT": str(free_port()),
+            f"GATEWAY_{busy}_PORT": str(port),
+            "GATEWAY_LOG_FORMAT": log_format,
+        }
+        result = subprocess.run(
+            [sys.executable, "-m", "gateway", "run"], env=env, capture_output=True, text=True, timeout=30, check=False
+        )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower() and "port" in line]
+    assert len(errors) == 1, result.stderr
+    if log_format == "json":
+        entry = json.loads(errors[0])
+        assert (entry["level"], entry["event"], entry["service"]) == ("error", "gateway.cannot_listen", busy.lower())
+        assert (entry["address"], entry["port"], entry["error"]) == ("127.0.0.1", str(port), "EADDRINUSE")
+    else:
+        assert f"event=gateway.cannot_listen service=agi address=127.0.0.1 port={port} error=EADDRINUSE" in errors[0]
+    assert "gateway.stopped" in result.stderr.splitlines()[-1]
+
+
 def test_sigterm_during_calls_ends_them_recorded_and_keeps_the_key(tmp_path: Path) -> None:
     """A deploy mid-call: the call that pressed its key keeps its rating (R2.4); the one still in the
     menu past the grace period is ended and recorded not rated, ready for an SMS (R2.3, R3.1)."""

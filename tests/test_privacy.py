@@ -11,6 +11,7 @@ import pytest
 from gateway.privacy import (
     DataProtector,
     InvalidPhoneNumber,
+    KeyFileError,
     KeyMaterialError,
     decode_key,
     mask_phone,
@@ -77,3 +78,34 @@ def test_configured_keys_must_be_32_bytes_of_base64() -> None:
         decode_key("c2hvcnQ=")
     with pytest.raises(KeyMaterialError, match="base64"):
         decode_key("not base64!")
+
+
+GOOD_KEY = "A" * 43 + "="
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [
+        (f'encryption_key = "{GOOD_KEY}"\nphone_hash_key = "{GOOD_KEY[:20]}', "is damaged (Unterminated string"),
+        (f'encryption_key = "{GOOD_KEY}"\n', "has no phone_hash_key"),
+        (f'encryption_key = "{GOOD_KEY}"\nphone_hash_key = "{GOOD_KEY[:20]}"\n', "phone_hash_key must be 32 bytes"),
+        ("\xff\xfe", "is damaged (not UTF-8 text)"),
+    ],
+)
+def test_a_damaged_key_file_is_named_with_what_to_do_and_never_replaced(
+    tmp_path: Path, content: str, words: str
+) -> None:
+    path = tmp_path / "keys.toml"
+    path.write_bytes(content.encode("latin-1"))
+    with pytest.raises(KeyFileError) as caught:
+        DataProtector.from_settings("", "", tmp_path)
+    message = str(caught.value)
+    assert str(path) in message and words in message and "restore it from the backup" in message
+    assert GOOD_KEY[:20] not in message
+    assert path.read_bytes() == content.encode("latin-1")
+
+
+def test_a_key_set_in_the_configuration_needs_no_copy_in_the_key_file(tmp_path: Path) -> None:
+    (tmp_path / "keys.toml").write_text(f'encryption_key = "{GOOD_KEY}"\n', encoding="utf-8")
+    protector = DataProtector.from_settings("", "B" * 43 + "=", tmp_path)
+    assert protector.encryption_key == decode_key(GOOD_KEY)
