@@ -37,7 +37,7 @@ from gateway.sms.text import encode_ucs2_parts
 from gateway.testing import smsc as smsc_module
 from gateway.testing.node_smsc import NodeSmsc
 from gateway.testing.reactor import run_on_reactor, sleep
-from gateway.testing.smsc import Fault, Smsc, encode_pdu, nth
+from gateway.testing.smsc import Fault, Smsc, during, encode_pdu, nth
 
 # -- harness -------------------------------------------------------------------------------------
 
@@ -976,3 +976,67 @@ def test_answers_go_ahead_of_the_bulk_parts_waiting_and_bulk_can_be_withdrawn() 
     withdrawn = outcomes.of_kind(NotSubmitted)
     assert withdrawn and 99 not in withdrawn and len(outcomes.ids()) + len(withdrawn) == 9
     assert {bulk[i].destination for i in withdrawn}.isdisjoint(order)  # never written
+
+
+class _HalfOpenSmsc(Smsc):
+    """After the bind nothing comes back: a firewall or NAT dropped the flow, the socket stays open."""
+
+    def _answer(self, connection: Any, pdu: Any) -> Any:
+        return super()._answer(connection, pdu) if pdu.command.startswith("bind_") else None
+
+
+def test_a_dead_link_is_told_from_a_slow_smsc() -> None:
+    """A submit unanswered in time is a SubmitTimedOut (spaced, bounded copies) only if a probe
+    shows the link alive; on a dead link its outcome is unknown, and it goes again on the next."""
+
+    async def scenario(reactor: Any, smsc: Smsc, client: SmppClient, ticker: Ticker) -> Any:
+        outcomes, _ = await submit_all(reactor, client, [part(1)])
+        return outcomes.results[0]
+
+    result = with_client({}, scenario, peer=_HalfOpenSmsc, response_timeout=0.3, enquire_link_interval=5.0)
+    assert isinstance(result, SubmitOutcomeUnknown) and not isinstance(result, SubmitTimedOut)
+
+
+def test_a_part_to_a_full_handset_waits_longer_each_time() -> None:
+    """Issue 4: never dropped, but not sent again as fast as the pace allows either."""
+
+    async def scenario(reactor: Any, smsc: Smsc, client: SmppClient, ticker: Ticker) -> Any:
+        await client.when_bound()
+        outcomes = Outcomes()
+        outcomes.watch(0, client.submit(part(0)))
+        await sleep(reactor, 2.0)
+        return len([r for r in smsc.submits() if r.destination == _OneFullQueueSmsc.full]), dict(outcomes.results)
+
+    tries, results = with_client({}, scenario, peer=_OneFullQueueSmsc, rate=50.0, window=10)
+    assert 2 <= tries < 10 and results == {}  # still waiting for its turn, not given up
+
+
+def test_an_smsc_wide_queue_full_slows_the_link_like_throttling() -> None:
+    async def scenario(reactor: Any, smsc: Smsc, client: SmppClient, ticker: Ticker) -> Any:
+        await client.when_bound()
+        outcomes = Outcomes()
+        for i in range(3):
+            outcomes.watch(i, client.submit(part(i)))
+        await sleep(reactor, 2.0)
+        return len(smsc.submits())
+
+    submits = with_client(
+        {"fault": Fault(queue_full=during(0, 2.0))}, scenario, rate=50.0, window=10, throttle_delay=0.5
+    )
+    assert submits < 20
+
+
+def test_an_smsc_that_keeps_losing_the_session_gets_a_plain_refusal_at_last() -> None:
+    """ESME_RINVBNDSTS rebinds a bounded number of times in a row, then counts as a (temporary) refusal."""
+
+    class AlwaysLost(Smsc):
+        def _submit(self, connection: Any, pdu: Any) -> Any:
+            self._record_submit(connection, pdu)
+            return 0.0, encode_pdu("submit_sm_resp", pdu.sequence, smsc_module.ESME_RINVBNDSTS)
+
+    async def scenario(reactor: Any, smsc: Smsc, client: SmppClient, ticker: Ticker) -> Any:
+        outcomes, _ = await submit_all(reactor, client, [part(1)])
+        return outcomes.results[0], smsc.binds
+
+    result, binds = with_client({}, scenario, peer=AlwaysLost)
+    assert isinstance(result, SubmitRejected) and not result.permanent and binds == 4

@@ -154,6 +154,8 @@ def test_status_classes() -> None:
     assert not is_permanent(ESME_RTHROTTLED) and not is_permanent(ESME_RMSGQFUL)
     assert not is_permanent(0x08)  # system error: try again later
     assert is_permanent(0x0B)  # invalid destination address
+    assert not is_permanent(0x0A)  # a source address not provisioned: the operator can fix it
+    assert not is_permanent(0x0401)  # a vendor's code: unknown, so worth a later attempt
 
 
 def test_after_full_recovery_a_new_throttling_episode_starts_from_the_shortest_pause() -> None:

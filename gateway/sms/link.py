@@ -32,24 +32,34 @@ ESME_RMSGQFUL = 0x14
 ESME_RTHROTTLED = 0x58
 THROTTLING_STATUSES = frozenset({ESME_RMSGQFUL, ESME_RTHROTTLED})
 
-#: Error statuses after which the same submit may succeed later: the SMSC's trouble, not the message's.
-TEMPORARY_STATUSES = frozenset(
+#: Error statuses that say this message can never be taken as it is (SPEC R3.7: failed at once):
+#: its destination, its length, its parameters. Every other status is worth a later attempt
+#: (bounded): the SMSC's own trouble, the link's, the gateway's settings (a source address or
+#: service type not provisioned yet, which the operator can fix), or a vendor's code.
+PERMANENT_STATUSES = frozenset(
     {
-        0x04,  # ESME_RINVBNDSTS: the SMSC thought we were not bound
-        0x08,  # ESME_RSYSERR
-        0x14,  # ESME_RMSGQFUL
-        0x45,  # ESME_RSUBMITFAIL
-        0x58,  # ESME_RTHROTTLED
-        0x64,  # ESME_RX_T_APPN
-        0xFE,  # ESME_RDELIVERYFAILURE
-        0xFF,  # ESME_RUNKNOWNERR
+        0x01,  # ESME_RINVMSGLEN
+        0x0B,  # ESME_RINVDSTADR
+        0x33,  # ESME_RINVNUMDESTS
+        0x40,  # ESME_RINVDESTFLAG
+        0x43,  # ESME_RINVESMCLASS
+        0x50,  # ESME_RINVDSTTON
+        0x51,  # ESME_RINVDSTNPI
+        0x61,  # ESME_RINVSCHED
+        0x62,  # ESME_RINVEXPIRY
+        0x65,  # ESME_RX_P_APPN: the recipient refuses it for good
+        0xC0,  # ESME_RINVOPTPARSTREAM
+        0xC1,  # ESME_ROPTPARNOTALLWD
+        0xC2,  # ESME_RINVPARLEN
+        0xC3,  # ESME_RMISSINGOPTPARAM
+        0xC4,  # ESME_RINVOPTPARAMVAL
     }
 )
 
 
 def is_permanent(status: int) -> bool:
     """Whether sending the same submit_sm again is pointless (invalid address, bad parameters …)."""
-    return status not in TEMPORARY_STATUSES
+    return status in PERMANENT_STATUSES
 
 
 # ---------------------------------------------------------------------------------------------

@@ -52,6 +52,7 @@ log = logging.getLogger("gateway.sms")
 SCAN_MARGIN = timedelta(minutes=10)
 #: After a submit had no answer in time, its message waits this long times the time-outs so far.
 TIMEOUT_PAUSE = timedelta(seconds=5)
+MAX_TIMEOUTS_KEPT = 10_000
 MARGIN_EVERY = 30
 
 
@@ -260,6 +261,7 @@ class SmsService(service.Service):
         parts = encode_ucs2_parts(message.body, message.concat_ref)
         todo = [part for part in parts if _seq(part) not in message.acknowledged]
         if not todo:  # every part was acknowledged before a restart: only the status is missing
+            self._timeouts.pop(message.id, None)
             self._acks.append(Ack(message.id, message.attempt, len(parts), len(parts), "", True))
             self._schedule_flush()
             return
@@ -311,7 +313,7 @@ class SmsService(service.Service):
         if not flight.outstanding:
             self._in_flight.pop(flight.message.id, None)
             complete = flight.error is None and not flight.unknown
-            if complete:
+            if not flight.timed_out:
                 self._timeouts.pop(flight.message.id, None)
             if flight.acks and complete:
                 last = flight.acks[-1]
@@ -358,6 +360,8 @@ class SmsService(service.Service):
             )
             return
         self._timeouts[message.id] = timeouts
+        if len(self._timeouts) > MAX_TIMEOUTS_KEPT:  # messages another instance took over, say
+            del self._timeouts[next(iter(self._timeouts))]
         not_before = self._now() + TIMEOUT_PAUSE * timeouts
         log.warning("event=sms.submit_timed_out message=%s times=%s", message.id, timeouts)
         self._after_flush(

@@ -81,6 +81,8 @@ ESME_RINVCMDLEN = 0x02
 ESME_RINVCMDID = 0x03
 ESME_RX_T_APPN = 0x64
 ESME_RINVBNDSTS = 0x04
+#: Rebinds after ESME_RINVBNDSTS without a submit taken in between, before it counts as a refusal.
+MAX_REBINDS_FOR_LOST_SESSION = 3
 GENERIC_NACK = 0x80000000
 SUBMIT_SM_RESP = 0x80000004
 
@@ -233,6 +235,7 @@ class _Queued:
     token: int
     part: SubmitPart
     queue_full: int = 0  # times the SMSC answered ESME_RMSGQFUL for it
+    not_before: float = 0.0  # after a queue full: not sent again before then (the link's clock)
 
 
 @dataclass
@@ -300,6 +303,10 @@ class _Link:
         self.pending: deque[_Queued] = deque()
         self.urgent: deque[_Queued] = deque()  # answers to citizens, sent before the pending bulk
         self.retry: deque[_Queued] = deque()  # throttled parts, sent again before the pending ones
+        self._lost_sessions = 0  # rebinds after ESME_RINVBNDSTS since the last accepted submit
+        self.later: list[_Queued] = []  # parts whose destination's queue was full, each with its own pause
+        # Submits unanswered in time, held until a probe (enquire_link) says whether the link is alive.
+        self.suspects: list[int] = []
         self.connections: list[_Connection] = []
         self._next_ident = 0
         self._reconnect_at = 0.0
@@ -401,6 +408,8 @@ class _Link:
             times.append(deadline)
         if (self.pending or self.urgent or self.retry) and self.bound and self.window.has_room and not self._stopping:
             times.append(self.pacer.next_send_at(now))
+        if self.later:
+            times.append(min(queued.not_before for queued in self.later))
         if self._stopping:
             times.append(self._stop_deadline)
         if self._draining is not None:
@@ -456,6 +465,10 @@ class _Link:
                     self._events.append(("not_submitted", queued.token))
             waiting.clear()
             waiting.extend(kept)
+        for queued in self.later:
+            if not queued.part.urgent:
+                self._events.append(("not_submitted", queued.token))
+        self.later = [queued for queued in self.later if queued.part.urgent]
 
     def _ack(self, ident: int, sequence: int, status: int, response: str) -> None:
         """deliver_sm_resp once the gateway has stored the message (SPEC R3.7a), ahead of submits."""
@@ -473,6 +486,9 @@ class _Link:
         for waiting in (self.retry, self.urgent, self.pending):
             while waiting:
                 self._events.append(("not_submitted", waiting.popleft().token))
+        for queued in self.later:
+            self._events.append(("not_submitted", queued.token))
+        self.later = []
 
     def _check_stopped(self, now: float) -> None:
         if not self._stopping:
@@ -516,7 +532,36 @@ class _Link:
                     conn.enquire_deadline = now + self.config.response_timeout
         for entry in self.window.expired(now):
             self.errors_total += 1
-            self._events.append(("timed_out", entry.item.token, "no submit_sm_resp within the response timeout"))
+            if self.bound and self._draining is None:
+                self.suspects.append(entry.item.token)
+            else:
+                self._unknown(entry.item.token, "no submit_sm_resp, and the link is going down")
+        if self.suspects:
+            self._probe(now)
+        if self.later:
+            due = [queued for queued in self.later if queued.not_before <= now]
+            if due:
+                self.later = [queued for queued in self.later if queued.not_before > now]
+                for queued in due:
+                    self._queue(queued)
+
+    def _probe(self, now: float) -> None:
+        """Ask the SMSC whether the link is alive: its answer makes the unanswered submits slow, not lost.
+
+        A half-open link would otherwise be noticed only at the next keep-alive, after every
+        submit in the window had timed out as if the SMSC were merely slow.
+        """
+        conn = next((c for c in self.connections if c.sends and c.phase == "bound"), None)
+        if conn is None:
+            return
+        if conn.enquire_deadline is None:
+            conn.out += smpplib.smpp.make_pdu("enquire_link", client=conn.client).generate()
+            conn.enquire_deadline = now + self.config.response_timeout
+
+    def _link_alive(self) -> None:
+        for token in self.suspects:
+            self._events.append(("timed_out", token, "no submit_sm_resp within the response timeout"))
+        self.suspects = []
 
     def _connect(self, now: float) -> None:
         """Start connecting each connection of the link to the first address of the SMSC that takes it.
@@ -763,6 +808,8 @@ class _Link:
             conn.out += _response("enquire_link_resp", header.sequence)
         elif command == "enquire_link_resp":
             conn.enquire_deadline = None
+            if conn.sends:
+                self._link_alive()
         elif command == "unbind":
             conn.out += _response("unbind_resp", header.sequence)
             self._write(conn)
@@ -803,17 +850,20 @@ class _Link:
         token = entry.item.token
         status = header.status
         if status == ESME_ROK:
+            self._lost_sessions = 0
             message_id = raw[16:].split(b"\x00", 1)[0].decode("latin-1")
             self.submitted_total += 1
             self._events.append(("ok", token, message_id))
         elif status in THROTTLING_STATUSES:
             self._throttled(entry, status, now)
-        elif status == ESME_RINVBNDSTS:
+        elif status == ESME_RINVBNDSTS and self._lost_sessions < MAX_REBINDS_FOR_LOST_SESSION:
             # The SMSC lost our session (a failover): the part was not taken. It goes again
-            # first, on a new bind.
+            # first, on a new bind; an SMSC that keeps saying so gets a plain refusal (bounded).
             self.errors_total += 1
             self.retry.append(entry.item)
-            self._begin_drain("the SMSC answered ESME_RINVBNDSTS: it no longer knows this bind", now)
+            if self._draining is None:
+                self._lost_sessions += 1
+                self._begin_drain("the SMSC answered ESME_RINVBNDSTS: it no longer knows this bind", now)
         else:
             self.errors_total += 1
             self._events.append(("rejected", token, status))
@@ -829,14 +879,17 @@ class _Link:
         self.throttled_total += 1
         before = self.pacer.pace(now)
         resume = now
+        queued = entry.item
         if status == ESME_RMSGQFUL:
-            entry.item.queue_full += 1
-        if entry.item.queue_full <= 1:  # the same part full again is its destination, not the link
+            queued.queue_full += 1
+            pause = self.config.throttle_delay * 2 ** (queued.queue_full - 1)
+            queued.not_before = now + min(pause, self.config.throttle_max_delay)
+        if queued.queue_full <= 1:  # the same part full again is its destination, not the link
             resume = self.pacer.throttled(now, entry.sent_at)
         if self._stopping:
-            self._events.append(("not_submitted", entry.item.token))
+            self._events.append(("not_submitted", queued.token))
         elif status == ESME_RMSGQFUL:
-            self._queue(entry.item)
+            self.later.append(queued)  # after its own pause, behind the others
         else:
             self.retry.append(entry.item)  # the same part goes again, before the queue, in order
         after = self.pacer.pace(now)
@@ -889,6 +942,9 @@ class _Link:
         lost = self.window.drain()
         for entry in lost:
             self._unknown(entry.item.token, f"the link dropped before the SMSC answered ({reason})")
+        for token in self.suspects:
+            self._unknown(token, f"no submit_sm_resp, then the link dropped ({reason})")
+        self.suspects = []
         self._close_all()
         if self._stopping:
             self._done = True
@@ -959,6 +1015,12 @@ class _Link:
         for waiting in (self.retry, self.urgent, self.pending):
             while waiting:
                 self._events.append(("not_submitted", waiting.popleft().token))
+        for queued in self.later:
+            self._events.append(("not_submitted", queued.token))
+        self.later = []
+        for token in self.suspects:
+            self._unknown(token, "the client stopped before the SMSC answered")
+        self.suspects = []
         while True:
             try:
                 command = self.commands.get_nowait()
