@@ -42,7 +42,7 @@ def prepare_data_dir(config: Config) -> None:
 
     It holds the SQLite store (masked phones, comments, the audit log) and the generated keys
     (SPEC R5.1): a directory the gateway creates is mode 0700, its new SQLite file 0600. A
-    directory that already exists keeps its mode. With PostgreSQL and both keys configured,
+    directory that already exists keeps its mode, and its files the umask's. With PostgreSQL and both keys configured,
     nothing is kept there and nothing is created.
     """
     store_is_in_data_dir = not config.store.url.strip()
@@ -50,6 +50,7 @@ def prepare_data_dir(config: Config) -> None:
     if not (store_is_in_data_dir or keys_are_in_data_dir):
         return
     path = config.data_dir
+    created = not path.exists()
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
     except FileExistsError:
@@ -64,7 +65,9 @@ def prepare_data_dir(config: Config) -> None:
             f"[store] data_dir {path} is not writable by this user; "
             "give the gateway's user write access to it, or name another directory"
         )
-    if store_is_in_data_dir:
+    # In a directory set up beforehand (shared with gateway-agi's user by its group, say), SQLite
+    # creates the file, and its -wal and -shm files, with the mode the directory's owner chose.
+    if store_is_in_data_dir and created:
         database = Path(config.store.effective_url.removeprefix("sqlite:///"))
         with contextlib.suppress(FileExistsError):  # SQLite takes an empty file as a new database
             os.close(os.open(database, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))

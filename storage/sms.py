@@ -134,73 +134,113 @@ class SmsStore:
         Eligible: a matter with a completion time, or a hotline call that ended not rated
         (SPEC R2.3). One without a mobile number gets no SMS, only the default rating when its
         window ends (R3.4). A batch (批量业务) or a theme (主题式"一件事") is one service to the
-        citizen (R1.6): one invitation for all its items, and none once it is rated. A theme is
-        invited once all its matters are completed, its window running from the last completion.
-        The invitation goes to an item whose number can get an SMS, if one can. Returns the latest
-        ``updated_at`` seen, for the next call's ``since`` (callers keep a margin for
-        transactions that commit late).
+        citizen (R1.6), looked at whole whenever one of its items changed: one invitation for all
+        its items, none once it is rated, and for a theme only once all its matters are
+        completed, its window running from the last completion. The invitation goes to an item
+        whose number can get an SMS, if one can. Returns the latest ``updated_at`` seen, for the
+        next call's ``since`` (callers keep a margin for transactions that commit late).
         """
         now = now or utcnow()
         s, i, r = service_records.c, invitations.c, ratings.c
-        eligible = (
-            select(s.id, s.completed_at, s.updated_at, s.batch_id, s.theme_id, s.mobile_enc, s.mobile_hash)
+        lone = (
+            select(s.id, s.completed_at, s.updated_at, s.mobile_enc, s.mobile_hash)
             .where(
                 s.updated_at >= since,
                 s.completed_at.is_not(None),
                 or_(s.kind == "matter", s.unrated_reason.is_not(None)),
+                s.batch_id.is_(None),
+                s.theme_id.is_(None),
                 ~exists().where(i.service_record_id == s.id, i.channel == SMS),
                 ~exists().where(r.service_record_id == s.id, r.is_attempt.is_(False)),
-                ~_batch_rated(s.batch_id),
-                ~_theme_rated_overall(s.theme_id),
-                ~_theme_in_progress(s.theme_id),
-                ~_group_invited(s),
             )
             .order_by(s.updated_at, s.id)
             .limit(limit)
         )
-        latest = since
+        touched = (
+            select(s.batch_id, s.theme_id, s.updated_at)
+            .where(s.updated_at >= since, or_(s.batch_id.is_not(None), s.theme_id.is_not(None)))
+            .order_by(s.updated_at, s.id)
+            .limit(limit)
+        )
         with self.store.engine.begin() as connection:
             # Two instances must not each invite another item of one batch or theme.
             self._lock(connection, "hcp-sms-invitations")
-            rows = connection.execute(eligible).mappings().all()
-            if not rows:
+            chosen = [dict(row) for row in connection.execute(lone).mappings()]
+            touched_rows = connection.execute(touched).all()
+            seen = [row["updated_at"] for row in chosen] + [row.updated_at for row in touched_rows]
+            if not seen:
                 return since
-            latest = max(latest, *(row["updated_at"] for row in rows))
-            chosen: list[Any] = []
-            by_group: dict[tuple[str, str], list[Any]] = {}
-            for row in rows:
-                group = rating_group(row["batch_id"], row["theme_id"])
-                if group is None:
-                    chosen.append(row)
-                else:
-                    by_group.setdefault(group, []).append(row)
-            completions = self._group_completions(connection, by_group)
-            opted = self._opted_out(connection, {row["mobile_hash"] for row in rows if row["mobile_hash"]})
-            for group, items in by_group.items():
-                reachable = [row for row in items if self._can_text(row, opted)]
-                chosen.append({**(reachable or items)[0], "completed_at": completions.get(group)})
-            values = []
-            for row in chosen:
-                completed_at = row["completed_at"]
-                send_after = completed_at + self.settings.schedule.invite_delay
-                values.append(
-                    {
-                        "service_record_id": row["id"],
-                        "channel": SMS,
-                        "extension_code": self.settings.extension_code(row["id"]),
-                        "status": "scheduled",
-                        "send_after": send_after,
-                        "closes_at": self._closes_at(completed_at),
-                        "next_step_at": send_after,
-                        "created_at": now,
-                    }
+            groups = {rating_group(row.batch_id, row.theme_id) for row in touched_rows}
+            chosen.extend(self._group_invitees(connection, {g for g in groups if g is not None}))
+            if chosen:
+                connection.execute(
+                    self._insert(invitations).on_conflict_do_nothing(index_elements=["service_record_id", "channel"]),
+                    [self._new_invitation(row["id"], row["completed_at"], now) for row in chosen],
                 )
-            statement = self._insert(invitations).on_conflict_do_nothing(
-                index_elements=["service_record_id", "channel"]
-            )
-            connection.execute(statement, values)
-        # Rows at ``latest`` are looked at again next time; those invited are skipped by then.
-        return latest
+        # Rows at the latest ``updated_at`` are looked at again next time; those invited are skipped then.
+        return max(since, *seen)
+
+    def _new_invitation(self, record_id: int, completed_at: datetime, now: datetime) -> dict[str, Any]:
+        send_after = completed_at + self.settings.schedule.invite_delay
+        return {
+            "service_record_id": record_id,
+            "channel": SMS,
+            "extension_code": self.settings.extension_code(record_id),
+            "status": "scheduled",
+            "send_after": send_after,
+            "closes_at": self._closes_at(completed_at),
+            "next_step_at": send_after,
+            "created_at": now,
+        }
+
+    def _group_invitees(self, connection: Connection, groups: Collection[tuple[str, str]]) -> list[dict[str, Any]]:
+        """For each batch or theme to be asked now (R1.6): the item to invite, with the group's completion.
+
+        A group is asked once: not if one of its items has the invitation, nor once it is rated
+        (a batch by a rating of any item; a theme by its overall rating, or when every matter
+        was rated on its own), nor while a matter of a theme is not completed.
+        """
+        s, i, r = service_records.c, invitations.c, ratings.c
+        invited = exists().where(i.service_record_id == s.id, i.channel == SMS)
+        own = exists().where(r.service_record_id == s.id, r.is_attempt.is_(False), r.overall.is_(False))
+        themes = sorted(key for kind, key in groups if kind == "theme")
+        overall = self._themes_rated_overall(connection, themes)
+        members: dict[tuple[str, str], list[Any]] = {}
+        for kind, column in (("batch", s.batch_id), ("theme", s.theme_id)):
+            keys = sorted(key for group_kind, key in groups if group_kind == kind)
+            for chunk in _chunks(keys):
+                query = select(
+                    column.label("key"),
+                    s.id,
+                    s.completed_at,
+                    s.mobile_enc,
+                    s.mobile_hash,
+                    invited.label("invited"),
+                    own.label("rated"),
+                ).where(column.in_(chunk))
+                if kind == "batch":
+                    query = query.where(s.theme_id.is_(None))  # an item of a theme goes with its theme
+                for row in connection.execute(query.order_by(s.id)).mappings():
+                    members.setdefault((kind, row["key"]), []).append(row)
+        hashes = {item["mobile_hash"] for items in members.values() for item in items if item["mobile_hash"]}
+        opted = self._opted_out(connection, hashes)
+        chosen: list[dict[str, Any]] = []
+        for (kind, key), items in members.items():
+            if any(item["invited"] for item in items) or (kind == "theme" and key in overall):
+                continue
+            if kind == "batch" and any(item["rated"] for item in items):
+                continue
+            if any(item["completed_at"] is None for item in items):
+                if kind == "theme":
+                    continue  # asked when its last matter is done
+                items = [item for item in items if item["completed_at"] is not None]
+            candidates = [item for item in items if not item["rated"]]
+            if not candidates:
+                continue
+            reachable = [item for item in candidates if self._can_text(item, opted)]
+            completed_at = max(item["completed_at"] for item in items)
+            chosen.append({"id": (reachable or candidates)[0]["id"], "completed_at": completed_at})
+        return chosen
 
     def _can_text(self, row: Any, opted: Collection[str]) -> bool:
         """Whether the record's number can get an SMS: a mobile that did not opt out (R3.8)."""
@@ -214,22 +254,6 @@ class SmsStore:
             found.update(
                 connection.execute(select(opt_outs.c.phone_hash).where(opt_outs.c.phone_hash.in_(chunk))).scalars()
             )
-        return found
-
-    def _group_completions(
-        self, connection: Connection, groups: Collection[tuple[str, str]]
-    ) -> dict[tuple[str, str], datetime]:
-        """When each batch or theme was completed: its last item's completion (R1.6, R3.4)."""
-        s = service_records.c
-        found: dict[tuple[str, str], datetime] = {}
-        for kind, column in (("batch", s.batch_id), ("theme", s.theme_id)):
-            keys = sorted(key for group_kind, key in groups if group_kind == kind)
-            for chunk in _chunks(keys):
-                query = select(column, func.max(s.completed_at)).where(column.in_(chunk))
-                if kind == "batch":
-                    query = query.where(s.theme_id.is_(None))  # an item of a theme goes with its theme
-                for key, completed_at in connection.execute(query.group_by(column)):
-                    found[(kind, key)] = completed_at
         return found
 
     def run_due_steps(self, *, now: datetime | None = None, limit: int = 500) -> StepCounts:
@@ -442,10 +466,10 @@ class SmsStore:
         return found
 
     def _first_invitations(self, connection: Connection, rows: Iterable[Any]) -> dict[tuple[str, str], int]:
-        """Each batch's or theme's first SMS invitation: the one that asks it (R1.6).
+        """Each batch's or theme's first open SMS invitation: the one that asks it (R1.6).
 
-        Stores written before one invitation per group had one per item; the others are
-        superseded (:meth:`_supersede`).
+        Stores written before one invitation per group had one per item; the other open ones
+        are superseded (:meth:`_supersede`). One already closed or rated asks nothing more.
         """
         s, i = service_records.c, invitations.c
         wanted: dict[str, set[str]] = {"batch": set(), "theme": set()}
@@ -459,7 +483,7 @@ class SmsStore:
                 query = (
                     select(column, func.min(i.id))
                     .join(service_records, s.id == i.service_record_id)
-                    .where(column.in_(chunk), i.channel == SMS)
+                    .where(column.in_(chunk), i.channel == SMS, i.status.in_(OPEN_STATUSES))
                 )
                 if kind == "batch":
                     query = query.where(s.theme_id.is_(None))
@@ -1277,34 +1301,6 @@ def _driver_time(connection: Connection, moment: datetime) -> Any:
     if connection.dialect.name == "sqlite":
         return naive.strftime("%Y-%m-%d %H:%M:%S.%f")
     return naive
-
-
-def _theme_rated_overall(theme_id: Any) -> Any:
-    """SQL: the theme has its counted overall rating (R1.6), the citizen's or the default."""
-    matter = service_records.alias("theme_matter")
-    return exists().where(
-        theme_id.is_not(None),
-        matter.c.theme_id == theme_id,
-        ratings.c.service_record_id == matter.c.id,
-        ratings.c.is_attempt.is_(False),
-        ratings.c.overall.is_(True),
-    )
-
-
-def _theme_in_progress(theme_id: Any) -> Any:
-    """SQL: a matter of the theme is not completed yet: the theme is not done (R1.6)."""
-    matter = service_records.alias("theme_open_matter")
-    return exists().where(theme_id.is_not(None), matter.c.theme_id == theme_id, matter.c.completed_at.is_(None))
-
-
-def _group_invited(record: Any) -> Any:
-    """SQL: an item of the record's theme, else of its batch, has the SMS invitation (R1.6)."""
-    item = service_records.alias("group_item")
-    same_group = or_(
-        and_(record.theme_id.is_not(None), item.c.theme_id == record.theme_id),
-        and_(record.theme_id.is_(None), record.batch_id.is_not(None), item.c.batch_id == record.batch_id),
-    )
-    return exists().where(same_group, invitations.c.service_record_id == item.c.id, invitations.c.channel == SMS)
 
 
 def _batch_rated(batch_id: Any) -> Any:

@@ -65,6 +65,21 @@ def test_the_data_dir_the_gateway_creates_is_private(data_dir: Path, capsys: pyt
     assert stat.S_IMODE((data_dir / "gateway.sqlite3").stat().st_mode) == 0o600
 
 
+def test_a_data_dir_set_up_beforehand_keeps_the_modes_its_owner_chose(
+    data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Shared with gateway-agi's user by a group (docs/asterisk.md): the store must stay group-writable."""
+    data_dir.mkdir(mode=0o770)
+    os.chmod(data_dir, 0o2770)
+    old_umask = os.umask(0o007)
+    try:
+        assert main(["token", "list"]) == 0
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(data_dir.stat().st_mode) == 0o2770
+    assert stat.S_IMODE((data_dir / "gateway.sqlite3").stat().st_mode) == 0o644 & ~0o007  # SQLite's, not 0600
+
+
 def test_a_damaged_key_file_is_reported_by_config_check_and_stops_every_command(
     data_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -725,3 +725,50 @@ def test_acknowledgements_written_at_the_driver_read_back_as_the_same_time(store
     sms.record_acks([Ack(out.id, 0, 1, 2, "00AbC", False)], now=at)
     [part] = rows(store, message_parts)
     assert part["submitted_at"] == at and part["smsc_id"] == "abc" and part["smsc_id_raw"] == "00AbC"
+
+
+def test_a_theme_is_looked_at_whole_when_its_last_matter_changes(store: Store, sms: SmsStore) -> None:
+    """R1.6 with the scheduler's watermark: T-0 was seen while the theme was in progress; the theme
+    is invited when T-1 completes, even though T-1 was rated on its own at once, and on T-0, the
+    matter that is left and has a mobile (T-1 has none)."""
+    done = shanghai(2026, 11, 23, 10, 0)
+    t0 = complete(store, "T-0", done, theme_id="THEME-1")
+    store.upsert_service_records(
+        [ServiceRecordInput(id="T-1", kind=ServiceKind.MATTER, theme_id="THEME-1")]  # type: ignore[arg-type]
+    )
+    time.sleep(0.01)
+    other = complete(store, "OTHER", done, phone=OTHER_PHONE)  # moves the watermark past T-0
+    watermark = sms.create_invitations(EPOCH, now=done + timedelta(minutes=1))
+    assert [row["service_record_id"] for row in rows(store, invitations)] == [other]  # the theme is in progress
+    time.sleep(0.01)
+    last = done + timedelta(days=1)
+    t1 = complete(store, "T-1", last, phone=None, theme_id="THEME-1")
+    web_rating(store, t1, last)
+    sms.create_invitations(watermark, now=last + timedelta(minutes=1))
+    [invitation] = rows(store, invitations, invitations.c.service_record_id != other)
+    assert invitation["service_record_id"] == t0
+    assert invitation["closes_at"] == sms.settings.schedule.closes_at(last, sms.calendar)
+
+
+def test_a_theme_from_before_whose_first_invitation_closed_still_asks_the_others(store: Store, sms: SmsStore) -> None:
+    """One invitation per matter before R1.6; the first one closed with T-0's own default: the
+    open one is the group's question now, and gets its reminder and its default."""
+    done = shanghai(2026, 11, 23, 10, 0)
+    t0, t1 = (complete(store, f"T-{n}", done, theme_id="THEME-1") for n in range(2))
+    sent = done + timedelta(minutes=2)
+    with store.engine.begin() as connection:
+        for n, (item, status) in enumerate(((t0, "closed"), (t1, "sent"))):
+            connection.execute(
+                insert(invitations).values(
+                    service_record_id=item, channel="sms", extension_code=f"000{n + 1}", created_at=done,
+                    status=status, send_after=done, sent_at=sent, closes_at=shanghai(2026, 11, 30, 10, 0),
+                    next_step_at=None if status == "closed" else sent + timedelta(hours=24),
+                )
+            )  # fmt: skip
+        store.add_rating(
+            connection, service_record_id=t0, level=Level.BASICALLY_SATISFIED, channel=Channel.SYSTEM,
+            raw_input=None, rated_at=done, is_default=True,
+        )  # fmt: skip
+    assert sms.run_due_steps(now=done + timedelta(hours=25)).reminders == 1
+    assert sms.run_due_steps(now=shanghai(2026, 12, 1, 10, 0)).defaults == 1
+    assert [r["overall"] for r in rows(store, ratings, ratings.c.service_record_id == t1)] == [True]
