@@ -206,22 +206,18 @@ class SmsStore:
         themes = sorted(key for kind, key in groups if kind == "theme")
         overall = self._themes_rated_overall(connection, themes)
         members: dict[tuple[str, str], list[Any]] = {}
-        for kind, column in (("batch", s.batch_id), ("theme", s.theme_id)):
-            keys = sorted(key for group_kind, key in groups if group_kind == kind)
-            for chunk in _chunks(keys):
-                query = select(
-                    column.label("key"),
-                    s.id,
-                    s.completed_at,
-                    s.mobile_enc,
-                    s.mobile_hash,
-                    invited.label("invited"),
-                    own.label("rated"),
-                ).where(column.in_(chunk))
-                if kind == "batch":
-                    query = query.where(s.theme_id.is_(None))  # an item of a theme goes with its theme
-                for row in connection.execute(query.order_by(s.id)).mappings():
-                    members.setdefault((kind, row["key"]), []).append(row)
+        for kind, column, of_groups in _group_queries(groups):
+            query = select(
+                column.label("key"),
+                s.id,
+                s.completed_at,
+                s.mobile_enc,
+                s.mobile_hash,
+                invited.label("invited"),
+                own.label("rated"),
+            ).where(of_groups)
+            for row in connection.execute(query.order_by(s.id)).mappings():
+                members.setdefault((kind, row["key"]), []).append(row)
         hashes = {item["mobile_hash"] for items in members.values() for item in items if item["mobile_hash"]}
         opted = self._opted_out(connection, hashes)
         chosen: list[dict[str, Any]] = []
@@ -472,22 +468,15 @@ class SmsStore:
         are superseded (:meth:`_supersede`). One already closed or rated asks nothing more.
         """
         s, i = service_records.c, invitations.c
-        wanted: dict[str, set[str]] = {"batch": set(), "theme": set()}
-        for row in rows:
-            group = rating_group(row["batch_id"], row["theme_id"])
-            if group is not None:
-                wanted[group[0]].add(group[1])
         found: dict[tuple[str, str], int] = {}
-        for kind, column in (("batch", s.batch_id), ("theme", s.theme_id)):
-            for chunk in _chunks(sorted(wanted[kind])):
-                query = (
-                    select(column, func.min(i.id))
-                    .join(service_records, s.id == i.service_record_id)
-                    .where(column.in_(chunk), i.channel == SMS, i.status.in_(OPEN_STATUSES))
-                )
-                if kind == "batch":
-                    query = query.where(s.theme_id.is_(None))
-                found.update({(kind, key): int(pk) for key, pk in connection.execute(query.group_by(column))})
+        for kind, column, of_groups in _group_queries(_groups_of(rows)):
+            query = (
+                select(column, func.min(i.id))
+                .join(service_records, s.id == i.service_record_id)
+                .where(of_groups, i.channel == SMS, i.status.in_(OPEN_STATUSES))
+                .group_by(column)
+            )
+            found.update({(kind, key): int(pk) for key, pk in connection.execute(query)})
         return found
 
     def _supersede(self, connection: Connection, row: Any) -> str:
@@ -506,18 +495,13 @@ class SmsStore:
     def _group_sizes(self, connection: Connection, rows: Iterable[Any]) -> dict[tuple[str, str], int]:
         """How many records each row's batch or theme holds, for the invitation's wording (R1.6)."""
         s = service_records.c
-        wanted: dict[str, set[str]] = {"batch": set(), "theme": set()}
-        for row in rows:
-            group = rating_group(row["batch_id"], row["theme_id"])
-            if group is not None:
-                wanted[group[0]].add(group[1])
         sizes: dict[tuple[str, str], int] = {}
         # A theme counts its matters: the items of a batch within it are one matter.
         theme_matters = func.count(func.coalesce(s.matter_code, s.external_id).distinct())
-        for kind, column, size in (("batch", s.batch_id, func.count()), ("theme", s.theme_id, theme_matters)):
-            for chunk in _chunks(sorted(wanted[kind])):
-                query = select(column, size).where(column.in_(chunk)).group_by(column)
-                sizes.update({(kind, key): int(count) for key, count in connection.execute(query)})
+        for kind, column, of_groups in _group_queries(_groups_of(rows)):
+            size = theme_matters if kind == "theme" else func.count()
+            query = select(column, size).where(of_groups).group_by(column)
+            sizes.update({(kind, key): int(count) for key, count in connection.execute(query)})
         return sizes
 
     def _history(self, connection: Connection, hashes: Iterable[str], now: datetime) -> dict[str, list[SentMessage]]:
@@ -1301,6 +1285,22 @@ def _driver_time(connection: Connection, moment: datetime) -> Any:
     if connection.dialect.name == "sqlite":
         return naive.strftime("%Y-%m-%d %H:%M:%S.%f")
     return naive
+
+
+def _groups_of(rows: Iterable[Any]) -> set[tuple[str, str]]:
+    """The batches and themes of ``rows``, named as :func:`gateway.rating.rating_group` names them."""
+    return {group for row in rows if (group := rating_group(row["batch_id"], row["theme_id"])) is not None}
+
+
+def _group_queries(groups: Collection[tuple[str, str]]) -> Iterable[tuple[str, Any, Any]]:
+    """(kind, key column, condition) selecting the records of ``groups``, a chunk at a time (R1.6).
+
+    A batch's items are its records outside any theme: an item of a theme goes with its theme.
+    """
+    s = service_records.c
+    for kind, column in (("batch", s.batch_id), ("theme", s.theme_id)):
+        for chunk in _chunks(sorted(key for group_kind, key in groups if group_kind == kind)):
+            yield kind, column, and_(column.in_(chunk), s.theme_id.is_(None)) if kind == "batch" else column.in_(chunk)
 
 
 def _batch_rated(batch_id: Any) -> Any:
