@@ -17,7 +17,7 @@ import struct
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from twisted.internet import defer, task
@@ -1040,3 +1040,33 @@ def test_an_smsc_that_keeps_losing_the_session_gets_a_plain_refusal_at_last() ->
 
     result, binds = with_client({}, scenario, peer=AlwaysLost)
     assert isinstance(result, SubmitRejected) and not result.permanent and binds == 4
+
+
+def test_a_nack_on_the_receiver_of_a_pair_is_no_answer_to_a_submit() -> None:
+    """Both binds of a pair number their requests from 1: the receiver's enquire_link refused by
+    generic_nack must not fail the transmitter's submit of the same sequence number."""
+
+    class NackReceiverKeepAlive(Smsc):
+        nacked: ClassVar[list[int]] = []
+
+        def _answer(self, connection: Any, pdu: Any) -> Any:
+            if pdu.command == "enquire_link" and connection.mode == "receiver":
+                self.nacked.append(pdu.sequence)
+                return 0.0, encode_pdu("generic_nack", pdu.sequence, smsc_module.ESME_RINVCMDID)
+            return super()._answer(connection, pdu)
+
+    parts = [part(i) for i in range(6)]
+
+    async def scenario(reactor: Any, smsc: Smsc, client: SmppClient, ticker: Ticker) -> Any:
+        await client.when_bound()
+        outcomes, _ = await submit_all(reactor, client, parts)  # answered late: the receiver's keep-alive goes first
+        return outcomes, list(NackReceiverKeepAlive.nacked)
+
+    outcomes, nacked = with_client(
+        {"fault": Fault(response_delay=0.3)},
+        scenario,
+        peer=NackReceiverKeepAlive,
+        bind_mode="transmitter_receiver",
+        enquire_link_interval=0.05,
+    )
+    assert nacked and len(outcomes.ids()) == 6

@@ -779,7 +779,8 @@ class _Link:
     def _handle(self, conn: _Connection, raw: bytes, now: float) -> None:
         header = read_header(raw)
         if header.command_id == SUBMIT_SM_RESP:
-            self._submit_answered(header, raw, now)  # the hot path: read without smpplib
+            if conn.sends:  # the receiver of a pair numbers its own requests from 1 too
+                self._submit_answered(header, raw, now)  # the hot path: read without smpplib
             return
         if conn.phase == "binding" and header.sequence == conn.bind_sequence and header.is_response:
             self._bind_answered(conn, header, now)
@@ -904,7 +905,9 @@ class _Link:
         if conn.phase == "binding" and header.sequence == conn.bind_sequence:
             raise LinkDropped(f"the SMSC refused the bind with generic_nack {status_name(header.status)}")
         log.warning("event=smpp.generic_nack status=%s", status_name(header.status))
-        entry = self.window.close(header.sequence) if header.sequence else None
+        # Only the sending connection's requests are in the window: the receiver of a pair numbers
+        # its own (enquire_link) from 1 too, and a nack of one of those is no submit's answer.
+        entry = self.window.close(header.sequence) if header.sequence and conn.sends else None
         if entry is not None and header.status in THROTTLING_STATUSES:  # some SMSCs throttle this way
             self._throttled(entry, header.status, self._clock())
         elif entry is not None:
@@ -969,7 +972,7 @@ class _Link:
         SMSC delivers it again after the reconnect.
         """
         for conn in self.connections:
-            if conn.phase == "connecting":
+            if conn.phase == "connecting" or not conn.sends:
                 continue
             for _ in range(64):  # at most 16 MiB: a peer that keeps sending cannot hold the drop up
                 try:
