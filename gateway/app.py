@@ -143,6 +143,12 @@ def run(config: Config, reactor: IReactorCore | IReactorTCP | IReactorTime | Any
     gateway = build_gateway(config, reactor)
     exit_status = 0
 
+    listening = [
+        f"{name}={getattr(config, name).host}:{getattr(config, name).port}"
+        for name in ("http", "agi")
+        if getattr(config, name).enabled
+    ]
+
     def start() -> None:
         nonlocal exit_status
         try:
@@ -151,15 +157,11 @@ def run(config: Config, reactor: IReactorCore | IReactorTCP | IReactorTime | Any
             exit_status = 1
             log_start_failure(failure)
             reactor.stop()
+            return
+        log.info("event=gateway.start store=%s %s", gateway.store.engine.dialect.name, " ".join(listening))
 
     reactor.callWhenRunning(start)
     reactor.addSystemEventTrigger("before", "shutdown", gateway.root.stopService)
-    listening = [
-        f"{name}={getattr(config, name).host}:{getattr(config, name).port}"
-        for name in ("http", "agi")
-        if getattr(config, name).enabled
-    ]
-    log.info("event=gateway.start store=%s %s", gateway.store.engine.dialect.name, " ".join(listening))
     reactor.run()
     log.info("event=gateway.stopped exit_status=%d", exit_status)
     return exit_status

@@ -222,6 +222,7 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
 
 def cmd_ratings(args: argparse.Namespace) -> int:
     from gateway.intake import parse_timestamp
+    from gateway.workdays import SHANGHAI
 
     filters = {
         "call_id": args.call_id,
@@ -256,8 +257,10 @@ def cmd_ratings(args: argparse.Namespace) -> int:
             for name, on in (("default", row.is_default), ("follow-up", row.is_follow_up), ("attempt", row.is_attempt))
             if on
         )
+        # Beijing time, as --since and --until read a time without an offset (docs/operations.md).
+        rated_at = row.rated_at.astimezone(SHANGHAI).isoformat(sep=" ", timespec="seconds")
         print(
-            f"{row.rated_at.astimezone():%Y-%m-%d %H:%M:%S}  {int(row.level)} {row.level.chinese_name:<5}  "
+            f"{rated_at}  {int(row.level)} {row.level.chinese_name:<5}  "
             f"{row.channel:<6} input={row.raw_input or '-'}  service={row.service_id} call={row.call_id or '-'} "
             f"work_order={row.work_order or '-'} agent={row.agent_id or '-'} phone={row.mobile_masked or '-'}"
             + (f" [{flags}]" if flags else "")
@@ -290,45 +293,52 @@ def cmd_openapi(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+CONFIG_HELP = "TOML configuration file (default: $GATEWAY_CONFIG, else built-in defaults)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateway", description="好差评 evaluation gateway")
-    parser.add_argument(
-        "--config",
-        "-c",
-        metavar="FILE",
-        help="TOML configuration file (default: $GATEWAY_CONFIG, else built-in defaults)",
-    )
+    parser.add_argument("--config", "-c", metavar="FILE", help=CONFIG_HELP)
+    # Every command takes --config too, before or after its name (`gateway config check -c F`).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", "-c", metavar="FILE", default=argparse.SUPPRESS, help=CONFIG_HELP)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    commands.add_parser("run", help="run the gateway (HTTP API, FastAGI, …)").set_defaults(func=cmd_run)
+    commands.add_parser("run", parents=[common], help="run the gateway (HTTP API, FastAGI, …)").set_defaults(
+        func=cmd_run
+    )
 
     config = commands.add_parser("config", help="configuration").add_subparsers(dest="action", required=True)
-    config.add_parser("check", help="report every problem of the configuration").set_defaults(func=cmd_config_check)
+    config.add_parser("check", parents=[common], help="report every problem of the configuration").set_defaults(
+        func=cmd_config_check
+    )
 
     db = commands.add_parser("db", help="the evaluation store").add_subparsers(dest="action", required=True)
-    db.add_parser("upgrade", help="create or migrate the schema").set_defaults(func=cmd_db_upgrade)
+    db.add_parser("upgrade", parents=[common], help="create or migrate the schema").set_defaults(func=cmd_db_upgrade)
 
-    importer = commands.add_parser("import", help="import service records from a CSV file")
+    importer = commands.add_parser("import", parents=[common], help="import service records from a CSV file")
     importer.add_argument("file", metavar="FILE.csv")
     importer.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     importer.set_defaults(func=cmd_import)
 
     token = commands.add_parser("token", help="API tokens").add_subparsers(dest="action", required=True)
-    create = token.add_parser("create", help="create a bearer token for a role")
+    create = token.add_parser("create", parents=[common], help="create a bearer token for a role")
     from storage.store import ROLES
 
     create.add_argument("--role", required=True, choices=ROLES)
     create.add_argument("--name", default="", help="who or what uses it")
     create.set_defaults(func=cmd_token_create)
-    listing = token.add_parser("list", help="list tokens (never the tokens themselves)")
+    listing = token.add_parser("list", parents=[common], help="list tokens (never the tokens themselves)")
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(func=cmd_token_list)
-    revoke = token.add_parser("revoke", help="revoke tokens by id or by name")
+    revoke = token.add_parser("revoke", parents=[common], help="revoke tokens by id or by name")
     revoke.add_argument("ids", nargs="*", type=int, metavar="ID")
     revoke.add_argument("--name", help="revoke every token with this name")
     revoke.set_defaults(func=cmd_token_revoke)
 
-    ratings = commands.add_parser("ratings", help="look up ratings of a call, work order, agent or service")
+    ratings = commands.add_parser(
+        "ratings", parents=[common], help="look up ratings of a call, work order, agent or service"
+    )
     ratings.add_argument("--call-id")
     ratings.add_argument("--linked-id")
     ratings.add_argument("--work-order")
@@ -340,13 +350,15 @@ def build_parser() -> argparse.ArgumentParser:
     ratings.add_argument("--json", action="store_true", help="machine-readable output")
     ratings.set_defaults(func=cmd_ratings)
 
-    reconciliation = commands.add_parser("reconcile", help="a day's totals: stored, pushed, and the platform's")
+    reconciliation = commands.add_parser(
+        "reconcile", parents=[common], help="a day's totals: stored, pushed, and the platform's"
+    )
     reconciliation.add_argument("--date", required=True, help="the day (YYYY-MM-DD, Asia/Shanghai)")
     reconciliation.add_argument("--json", action="store_true", help="machine-readable output")
     reconciliation.add_argument("--no-platform", action="store_true", help="do not ask the platform for its counts")
     reconciliation.set_defaults(func=cmd_reconcile)
 
-    commands.add_parser("openapi", help="print the OpenAPI document").set_defaults(func=cmd_openapi)
+    commands.add_parser("openapi", parents=[common], help="print the OpenAPI document").set_defaults(func=cmd_openapi)
     return parser
 
 

@@ -415,6 +415,11 @@ def load_config(path: str | os.PathLike[str] | None = None, environ: Mapping[str
         rest = name[len(ENV_PREFIX) :].lower()
         section = next((s for s in _SECTION_CLASSES if rest.startswith(s + "_")), None)
         if section is None:
+            # Not the gateway's, unless it is a near miss of one of its names (GATEWAY_HTTPPORT).
+            known = [f"{ENV_PREFIX}{s}_{k}".upper() for s in _SECTION_CLASSES for k in merged[s]]
+            close = difflib.get_close_matches(name.upper(), known, n=1, cutoff=0.9)
+            if close:
+                problems.append(Problem(f"environment {name}", "(variable)", f"unknown; did you mean {close[0]}?"))
             continue
         key = rest[len(section) + 1 :]
         if key not in merged[section]:

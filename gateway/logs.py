@@ -41,6 +41,9 @@ def configure_logging(level: str = "info", fmt: str = "text", stream: TextIO | N
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # Alembic narrates every start (plugins, the DDL mode) in its own words; storage.migrate
+    # logs what changed as one event instead.
+    logging.getLogger("alembic").setLevel(max(logging.WARNING, root.level))
 
 
 def forward_twisted_logs() -> None:

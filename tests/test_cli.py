@@ -156,3 +156,40 @@ def test_a_database_user_without_the_right_to_create_tables_is_told_so(
     finally:
         with postgresql_server.connect() as conn:
             conn.execute(f"DROP ROLE {role}")
+
+
+def test_config_may_follow_the_command_too(data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """README: "All take --config FILE"; `gateway config check --config F` was a usage error."""
+    config = tmp_path / "gateway.toml"
+    config.write_text("[agi]\nport = 70000\n", encoding="utf-8")
+    for argv in (["--config", str(config), "config", "check"], ["config", "check", "--config", str(config)]):
+        assert main(argv) == 1
+        assert "[agi] port" in capsys.readouterr().err
+
+
+def test_ratings_are_listed_in_beijing_time_as_the_filters_read_it(
+    data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A time copied from the list into --since finds the rating (docs/operations.md)."""
+    from datetime import UTC, datetime
+
+    from gateway.config import load_config
+    from gateway.intake import ServiceRecordInput
+    from gateway.rating import Channel, Level, ServiceKind
+    from storage.store import Store
+
+    store = Store.from_config(load_config(None))
+    store.upsert_service_records([ServiceRecordInput(id="M-1", kind=ServiceKind.MATTER)])  # type: ignore[arg-type]
+    [record] = [store.get_service_record("M-1")]
+    assert record is not None
+    with store.engine.begin() as connection:
+        pk = connection.exec_driver_sql("SELECT id FROM service_records").scalar_one()
+        store.add_rating(
+            connection, service_record_id=pk, level=Level.SATISFIED, channel=Channel.WEB, raw_input="4",
+            rated_at=datetime(2026, 11, 24, 6, 48, 27, tzinfo=UTC),
+        )  # fmt: skip
+    assert main(["ratings", "--service-id", "M-1"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("2026-11-24 14:48:27+08:00")
+    assert main(["ratings", "--service-id", "M-1", "--since", "2026-11-24T14:48", "--until", "2026-11-24T14:49"]) == 0
+    assert capsys.readouterr().out.startswith("2026-11-24 14:48:27+08:00")

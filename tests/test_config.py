@@ -242,3 +242,11 @@ def test_listeners_that_would_take_one_port_from_each_other_are_refused(http_hos
 def test_listeners_on_different_addresses_may_share_a_port(http_host: str, agi_host: str) -> None:
     environ = {"GATEWAY_HTTP_HOST": http_host, "GATEWAY_AGI_HOST": agi_host, "GATEWAY_AGI_PORT": "8080"}
     assert load_config(None, environ=environ).agi.port == 8080
+
+
+def test_a_near_miss_of_a_gateway_variable_is_reported_and_others_are_left_alone() -> None:
+    """A misspelled override was silently ignored; variables that are not near one are someone else's."""
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, environ={"GATEWAY_HTTPPORT": "9090"})
+    assert "did you mean GATEWAY_HTTP_PORT?" in str(caught.value)
+    load_config(None, environ={"GATEWAY_FOO_BAR": "1", "GATEWAY_CONFIG": "x"})
