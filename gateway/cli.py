@@ -11,6 +11,7 @@ import gc
 import json
 import os
 import re
+import stat
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -41,9 +42,9 @@ def prepare_data_dir(config: Config) -> None:
     """Create the data directory if it is used, readable by this user only, and check it can be written.
 
     It holds the SQLite store (masked phones, comments, the audit log) and the generated keys
-    (SPEC R5.1): a directory the gateway creates is mode 0700, its new SQLite file 0600. A
-    directory that already exists keeps its mode, and its files the umask's. With PostgreSQL and both keys configured,
-    nothing is kept there and nothing is created.
+    (SPEC R5.1): a directory the gateway creates is mode 0700, a new SQLite file 0600. A directory
+    that already exists keeps its mode; a group-writable one is shared, and its files keep the
+    umask's. With PostgreSQL and both keys configured, nothing is kept there and nothing is created.
     """
     store_is_in_data_dir = not config.store.url.strip()
     keys_are_in_data_dir = not (config.privacy.encryption_key and config.privacy.phone_hash_key)
@@ -65,9 +66,10 @@ def prepare_data_dir(config: Config) -> None:
             f"[store] data_dir {path} is not writable by this user; "
             "give the gateway's user write access to it, or name another directory"
         )
-    # In a directory set up beforehand (shared with gateway-agi's user by its group, say), SQLite
-    # creates the file, and its -wal and -shm files, with the mode the directory's owner chose.
-    if store_is_in_data_dir and created:
+    # A directory set up beforehand for a group (gateway-agi's user, say: group-writable) gets the
+    # SQLite file, and its -wal and -shm files, as the umask makes them; any other, 0600.
+    shared = not created and bool(path.stat().st_mode & stat.S_IWGRP)
+    if store_is_in_data_dir and not shared:
         database = Path(config.store.effective_url.removeprefix("sqlite:///"))
         with contextlib.suppress(FileExistsError):  # SQLite takes an empty file as a new database
             os.close(os.open(database, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))

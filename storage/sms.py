@@ -141,44 +141,51 @@ class SmsStore:
         next call's ``since`` (callers keep a margin for transactions that commit late).
         """
         now = now or utcnow()
+        latest, after = since, None
+        while True:  # page by (updated_at, id): many records of one moment (an import) still move on
+            count, last = self._invite_page(since, after, now, limit)
+            if last is None:
+                return latest
+            latest, after = max(latest, last[0]), last
+            if count < limit:
+                return latest
+
+    def _invite_page(
+        self, since: datetime, after: tuple[datetime, int] | None, now: datetime, limit: int
+    ) -> tuple[int, tuple[datetime, int] | None]:
+        """One page of :meth:`create_invitations`: how many records it looked at, and the last one."""
         s, i, r = service_records.c, invitations.c, ratings.c
-        lone = (
-            select(s.id, s.completed_at, s.updated_at, s.mobile_enc, s.mobile_hash)
-            .where(
-                s.updated_at >= since,
-                s.completed_at.is_not(None),
-                or_(s.kind == "matter", s.unrated_reason.is_not(None)),
-                s.batch_id.is_(None),
-                s.theme_id.is_(None),
-                ~exists().where(i.service_record_id == s.id, i.channel == SMS),
-                ~exists().where(r.service_record_id == s.id, r.is_attempt.is_(False)),
-            )
+        lone = and_(
+            s.batch_id.is_(None),
+            s.theme_id.is_(None),
+            s.completed_at.is_not(None),
+            or_(s.kind == "matter", s.unrated_reason.is_not(None)),
+            ~exists().where(i.service_record_id == s.id, i.channel == SMS),
+            ~exists().where(r.service_record_id == s.id, r.is_attempt.is_(False)),
+        )
+        in_group = and_(or_(s.batch_id.is_not(None), s.theme_id.is_not(None)), ~_group_invited(s))
+        page = (
+            select(s.id, s.completed_at, s.updated_at, s.batch_id, s.theme_id)
+            .where(s.updated_at >= since, or_(lone, in_group))
             .order_by(s.updated_at, s.id)
             .limit(limit)
         )
-        touched = (
-            select(s.batch_id, s.theme_id, s.updated_at)
-            .where(s.updated_at >= since, or_(s.batch_id.is_not(None), s.theme_id.is_not(None)))
-            .order_by(s.updated_at, s.id)
-            .limit(limit)
-        )
+        if after is not None:
+            page = page.where(or_(s.updated_at > after[0], and_(s.updated_at == after[0], s.id > after[1])))
         with self.store.engine.begin() as connection:
             # Two instances must not each invite another item of one batch or theme.
             self._lock(connection, "hcp-sms-invitations")
-            chosen = [dict(row) for row in connection.execute(lone).mappings()]
-            touched_rows = connection.execute(touched).all()
-            seen = [row["updated_at"] for row in chosen] + [row.updated_at for row in touched_rows]
-            if not seen:
-                return since
-            groups = {rating_group(row.batch_id, row.theme_id) for row in touched_rows}
-            chosen.extend(self._group_invitees(connection, {g for g in groups if g is not None}))
+            rows = connection.execute(page).mappings().all()
+            if not rows:
+                return 0, None
+            chosen = [dict(row) for row in rows if rating_group(row["batch_id"], row["theme_id"]) is None]
+            chosen.extend(self._group_invitees(connection, _groups_of(rows)))
             if chosen:
                 connection.execute(
                     self._insert(invitations).on_conflict_do_nothing(index_elements=["service_record_id", "channel"]),
                     [self._new_invitation(row["id"], row["completed_at"], now) for row in chosen],
                 )
-        # Rows at the latest ``updated_at`` are looked at again next time; those invited are skipped then.
-        return max(since, *seen)
+        return len(rows), (rows[-1]["updated_at"], rows[-1]["id"])
 
     def _new_invitation(self, record_id: int, completed_at: datetime, now: datetime) -> dict[str, Any]:
         send_after = completed_at + self.settings.schedule.invite_delay
@@ -1301,6 +1308,16 @@ def _group_queries(groups: Collection[tuple[str, str]]) -> Iterable[tuple[str, A
     for kind, column in (("batch", s.batch_id), ("theme", s.theme_id)):
         for chunk in _chunks(sorted(key for group_kind, key in groups if group_kind == kind)):
             yield kind, column, and_(column.in_(chunk), s.theme_id.is_(None)) if kind == "batch" else column.in_(chunk)
+
+
+def _group_invited(record: Any) -> Any:
+    """SQL: an item of the record's theme, else of its batch, has the SMS invitation (R1.6)."""
+    item = service_records.alias("group_item")
+    same_group = or_(
+        and_(record.theme_id.is_not(None), item.c.theme_id == record.theme_id),
+        and_(record.theme_id.is_(None), record.batch_id.is_not(None), item.c.batch_id == record.batch_id),
+    )
+    return exists().where(same_group, invitations.c.service_record_id == item.c.id, invitations.c.channel == SMS)
 
 
 def _batch_rated(batch_id: Any) -> Any:

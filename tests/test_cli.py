@@ -80,6 +80,14 @@ def test_a_data_dir_set_up_beforehand_keeps_the_modes_its_owner_chose(
     assert stat.S_IMODE((data_dir / "gateway.sqlite3").stat().st_mode) == 0o644 & ~0o007  # SQLite's, not 0600
 
 
+def test_the_store_is_private_in_a_data_dir_others_may_read(data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data_dir.mkdir(mode=0o755)
+    os.chmod(data_dir, 0o755)
+    assert main(["token", "list"]) == 0
+    assert stat.S_IMODE(data_dir.stat().st_mode) == 0o755  # its owner's choice
+    assert stat.S_IMODE((data_dir / "gateway.sqlite3").stat().st_mode) == 0o600
+
+
 def test_a_damaged_key_file_is_reported_by_config_check_and_stops_every_command(
     data_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -1026,20 +1026,64 @@ def test_an_smsc_wide_queue_full_slows_the_link_like_throttling() -> None:
     assert submits < 20
 
 
-def test_an_smsc_that_keeps_losing_the_session_gets_a_plain_refusal_at_last() -> None:
-    """ESME_RINVBNDSTS rebinds a bounded number of times in a row, then counts as a (temporary) refusal."""
+def test_an_smsc_that_takes_a_while_to_find_the_session_again_gets_the_parts_at_last() -> None:
+    """ESME_RINVBNDSTS is the link's trouble, not the message's: rebinds, backing off, never a refusal."""
 
-    class AlwaysLost(Smsc):
+    class LostUntilFifthBind(Smsc):
         def _submit(self, connection: Any, pdu: Any) -> Any:
-            self._record_submit(connection, pdu)
-            return 0.0, encode_pdu("submit_sm_resp", pdu.sequence, smsc_module.ESME_RINVBNDSTS)
+            if self.binds <= 4:
+                self._record_submit(connection, pdu)
+                return 0.0, encode_pdu("submit_sm_resp", pdu.sequence, smsc_module.ESME_RINVBNDSTS)
+            return super()._submit(connection, pdu)
+
+    async def scenario(reactor: Any, smsc: Smsc, client: SmppClient, ticker: Ticker) -> Any:
+        outcomes, _ = await submit_all(reactor, client, [part(i) for i in range(5)])
+        return outcomes, smsc.binds
+
+    outcomes, binds = with_client({}, scenario, peer=LostUntilFifthBind, window=10, rate=1000.0)
+    assert binds == 5 and len(outcomes.ids()) == 5
+
+
+class _SlowInOrderSmsc(Smsc):
+    """A busy SMSC answering in order: the keep-alive's answer comes after the submit's late one."""
+
+    def _answer(self, connection: Any, pdu: Any) -> Any:
+        if pdu.command == "enquire_link":
+            return 0.25, encode_pdu("enquire_link_resp", pdu.sequence)
+        return super()._answer(connection, pdu)
+
+
+def test_a_late_acknowledgement_before_the_probe_answers_is_kept() -> None:
+    """SPEC R3.7: the SMSC took the part; its late ESME_ROK must not be dropped and the part sent again."""
 
     async def scenario(reactor: Any, smsc: Smsc, client: SmppClient, ticker: Ticker) -> Any:
         outcomes, _ = await submit_all(reactor, client, [part(1)])
-        return outcomes.results[0], smsc.binds
+        return outcomes.results[0], [r.status for r in smsc.submits()]
 
-    result, binds = with_client({}, scenario, peer=AlwaysLost)
-    assert isinstance(result, SubmitRejected) and not result.permanent and binds == 4
+    result, statuses = with_client(
+        {"fault": Fault(response_delay=0.5)}, scenario, peer=_SlowInOrderSmsc, response_timeout=0.3
+    )
+    assert statuses == [0] and isinstance(result, str)
+
+
+def test_a_part_full_a_thousand_times_still_waits_its_turn(caplog: pytest.LogCaptureFixture) -> None:
+    """The pause stops growing: 2**1024 overflowed a float and stopped the link's loop."""
+
+    async def scenario(reactor: Any, smsc: Smsc, client: SmppClient, ticker: Ticker) -> Any:
+        await client.when_bound()
+        outcomes = Outcomes()
+        outcomes.watch(0, client.submit(part(0)))
+
+        def tries() -> int:
+            return len([r for r in smsc.submits() if r.destination == _OneFullQueueSmsc.full])
+
+        await until(reactor, lambda: tries() >= 1030 or "loop_error" in caplog.text, 60, "a thousand tries")
+        return dict(outcomes.results)
+
+    results = with_client(
+        {}, scenario, peer=_OneFullQueueSmsc, rate=20000.0, window=10, throttle_delay=1e-5, throttle_max_delay=2e-5
+    )
+    assert "loop_error" not in caplog.text and results == {}
 
 
 def test_a_nack_on_the_receiver_of_a_pair_is_no_answer_to_a_submit() -> None:

@@ -772,3 +772,28 @@ def test_a_theme_from_before_whose_first_invitation_closed_still_asks_the_others
     assert sms.run_due_steps(now=done + timedelta(hours=25)).reminders == 1
     assert sms.run_due_steps(now=shanghai(2026, 12, 1, 10, 0)).defaults == 1
     assert [r["overall"] for r in rows(store, ratings, ratings.c.service_record_id == t1)] == [True]
+
+
+def _batches(prefix: str, count: int, done: datetime) -> list[ServiceRecordInput]:
+    """``count`` one-item batches, written by one upsert: one ``updated_at`` for all, as an import chunk."""
+    return [
+        ServiceRecordInput(  # type: ignore[arg-type]
+            id=f"{prefix}-{n}", kind=ServiceKind.MATTER, completed_at=done, mobile=PHONE, batch_id=f"{prefix}B-{n}"
+        )
+        for n in range(count)
+    ]
+
+
+def test_more_records_of_one_moment_than_a_page_still_move_the_scan_on(store: Store, sms: SmsStore) -> None:
+    """An import chunk writes its records at one moment: a round that pages by time alone would read
+    the same page again and again, and the records after it would never be invited."""
+    done = shanghai(2026, 11, 23, 10, 0)
+    store.upsert_service_records(_batches("A", 12, done))
+    time.sleep(0.01)
+    complete(store, "L-1", done)
+    time.sleep(0.01)
+    store.upsert_service_records(_batches("B", 3, done))
+    watermark = EPOCH
+    for _ in range(3):
+        watermark = max(watermark, sms.create_invitations(watermark, now=done + timedelta(minutes=1), limit=5))
+    assert len(rows(store, invitations)) == 16

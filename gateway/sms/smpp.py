@@ -59,7 +59,15 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from gateway.config import SmppConfig
-from gateway.sms.link import ESME_RMSGQFUL, THROTTLING_STATUSES, Backoff, Pacer, Window, is_permanent
+from gateway.sms.link import (
+    ESME_RMSGQFUL,
+    THROTTLING_STATUSES,
+    Backoff,
+    Outstanding,
+    Pacer,
+    Window,
+    is_permanent,
+)
 from gateway.sms.pdu import (
     DATA_SM,
     DELIVER_SM,
@@ -81,8 +89,8 @@ ESME_RINVCMDLEN = 0x02
 ESME_RINVCMDID = 0x03
 ESME_RX_T_APPN = 0x64
 ESME_RINVBNDSTS = 0x04
-#: Rebinds after ESME_RINVBNDSTS without a submit taken in between, before it counts as a refusal.
-MAX_REBINDS_FOR_LOST_SESSION = 3
+#: A part's pause after its destination's queue was full grows no further than 2**this times.
+MAX_QUEUE_FULL_DOUBLINGS = 16
 GENERIC_NACK = 0x80000000
 SUBMIT_SM_RESP = 0x80000004
 
@@ -303,10 +311,9 @@ class _Link:
         self.pending: deque[_Queued] = deque()
         self.urgent: deque[_Queued] = deque()  # answers to citizens, sent before the pending bulk
         self.retry: deque[_Queued] = deque()  # throttled parts, sent again before the pending ones
-        self._lost_sessions = 0  # rebinds after ESME_RINVBNDSTS since the last accepted submit
         self.later: list[_Queued] = []  # parts whose destination's queue was full, each with its own pause
         # Submits unanswered in time, held until a probe (enquire_link) says whether the link is alive.
-        self.suspects: list[int] = []
+        self.suspects: dict[int, Outstanding[_Queued]] = {}  # by sequence: a late answer still counts
         self.connections: list[_Connection] = []
         self._next_ident = 0
         self._reconnect_at = 0.0
@@ -533,7 +540,7 @@ class _Link:
         for entry in self.window.expired(now):
             self.errors_total += 1
             if self.bound and self._draining is None:
-                self.suspects.append(entry.item.token)
+                self.suspects[entry.sequence] = entry
             else:
                 self._unknown(entry.item.token, "no submit_sm_resp, and the link is going down")
         if self.suspects:
@@ -559,9 +566,9 @@ class _Link:
             conn.enquire_deadline = now + self.config.response_timeout
 
     def _link_alive(self) -> None:
-        for token in self.suspects:
-            self._events.append(("timed_out", token, "no submit_sm_resp within the response timeout"))
-        self.suspects = []
+        for entry in self.suspects.values():
+            self._events.append(("timed_out", entry.item.token, "no submit_sm_resp within the response timeout"))
+        self.suspects = {}
 
     def _connect(self, now: float) -> None:
         """Start connecting each connection of the link to the first address of the SMSC that takes it.
@@ -772,7 +779,11 @@ class _Link:
             self._begin_drain(garbled, now)
             window = self.window
             for raw in conn.framer.resync(
-                lambda h: h.command_id == SUBMIT_SM_RESP and h.length <= HEADER_LENGTH + 65 and h.sequence in window
+                lambda h: (
+                    h.command_id == SUBMIT_SM_RESP
+                    and h.length <= HEADER_LENGTH + 65
+                    and (h.sequence in window or h.sequence in self.suspects)
+                )
             ):
                 self._handle(conn, raw, now)
 
@@ -844,26 +855,27 @@ class _Link:
         self._events.append(("deliver", conn.ident, header.sequence, message, response))
 
     def _submit_answered(self, header: Header, raw: bytes, now: float) -> None:
-        entry = self.window.close(header.sequence)
+        # A submit that timed out is still answered until the probe decides (SPEC R3.7: an
+        # acknowledgement taken is a part never sent again).
+        entry = self.window.close(header.sequence) or self.suspects.pop(header.sequence, None)
         if entry is None:
             log.warning("event=smpp.late_submit_resp status=%s", status_name(header.status))
             return
         token = entry.item.token
         status = header.status
         if status == ESME_ROK:
-            self._lost_sessions = 0
             message_id = raw[16:].split(b"\x00", 1)[0].decode("latin-1")
             self.submitted_total += 1
             self._events.append(("ok", token, message_id))
         elif status in THROTTLING_STATUSES:
             self._throttled(entry, status, now)
-        elif status == ESME_RINVBNDSTS and self._lost_sessions < MAX_REBINDS_FOR_LOST_SESSION:
+        elif status == ESME_RINVBNDSTS:
             # The SMSC lost our session (a failover): the part was not taken. It goes again
-            # first, on a new bind; an SMSC that keeps saying so gets a plain refusal (bounded).
+            # first, on a new bind; one that keeps saying so is a link that keeps dropping, and
+            # the reconnects back off as for any other drop.
             self.errors_total += 1
             self.retry.append(entry.item)
             if self._draining is None:
-                self._lost_sessions += 1
                 self._begin_drain("the SMSC answered ESME_RINVBNDSTS: it no longer knows this bind", now)
         else:
             self.errors_total += 1
@@ -883,7 +895,7 @@ class _Link:
         queued = entry.item
         if status == ESME_RMSGQFUL:
             queued.queue_full += 1
-            pause = self.config.throttle_delay * 2 ** (queued.queue_full - 1)
+            pause = self.config.throttle_delay * 2 ** min(queued.queue_full - 1, MAX_QUEUE_FULL_DOUBLINGS)
             queued.not_before = now + min(pause, self.config.throttle_max_delay)
         if queued.queue_full <= 1:  # the same part full again is its destination, not the link
             resume = self.pacer.throttled(now, entry.sent_at)
@@ -907,7 +919,9 @@ class _Link:
         log.warning("event=smpp.generic_nack status=%s", status_name(header.status))
         # Only the sending connection's requests are in the window: the receiver of a pair numbers
         # its own (enquire_link) from 1 too, and a nack of one of those is no submit's answer.
-        entry = self.window.close(header.sequence) if header.sequence and conn.sends else None
+        entry = None
+        if header.sequence and conn.sends:
+            entry = self.window.close(header.sequence) or self.suspects.pop(header.sequence, None)
         if entry is not None and header.status in THROTTLING_STATUSES:  # some SMSCs throttle this way
             self._throttled(entry, header.status, self._clock())
         elif entry is not None:
@@ -945,9 +959,9 @@ class _Link:
         lost = self.window.drain()
         for entry in lost:
             self._unknown(entry.item.token, f"the link dropped before the SMSC answered ({reason})")
-        for token in self.suspects:
-            self._unknown(token, f"no submit_sm_resp, then the link dropped ({reason})")
-        self.suspects = []
+        for entry in self.suspects.values():
+            self._unknown(entry.item.token, f"no submit_sm_resp, then the link dropped ({reason})")
+        self.suspects = {}
         self._close_all()
         if self._stopping:
             self._done = True
@@ -1021,9 +1035,9 @@ class _Link:
         for queued in self.later:
             self._events.append(("not_submitted", queued.token))
         self.later = []
-        for token in self.suspects:
-            self._unknown(token, "the client stopped before the SMSC answered")
-        self.suspects = []
+        for entry in self.suspects.values():
+            self._unknown(entry.item.token, "the client stopped before the SMSC answered")
+        self.suspects = {}
         while True:
             try:
                 command = self.commands.get_nowait()
