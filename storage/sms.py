@@ -99,6 +99,18 @@ class Ack:
     complete: bool  # every part of this attempt is now acknowledged
 
 
+@dataclass(frozen=True, order=True)
+class ScanPosition:
+    """Where the invitation scan stands: after the record ``record_id`` updated at ``at``."""
+
+    at: datetime
+    record_id: int = 0
+
+    def back(self, margin: timedelta) -> ScanPosition:
+        """Some time earlier, for records whose transactions committed late."""
+        return ScanPosition(self.at - margin)
+
+
 @dataclass(frozen=True)
 class StepCounts:
     invitations: int = 0
@@ -128,8 +140,15 @@ class SmsStore:
 
     # -- the schedule (SPEC R3.1-R3.4) -----------------------------------------------------------
 
-    def create_invitations(self, since: datetime, *, now: datetime | None = None, limit: int = 2000) -> datetime:
-        """Give one SMS invitation to each service completed without a rating, updated since ``since``.
+    def create_invitations(
+        self,
+        since: ScanPosition | datetime,
+        *,
+        now: datetime | None = None,
+        limit: int = 2000,
+        pages: int = 5,
+    ) -> ScanPosition:
+        """Give one SMS invitation to each service completed without a rating, updated after ``since``.
 
         Eligible: a matter with a completion time, or a hotline call that ended not rated
         (SPEC R2.3). One without a mobile number gets no SMS, only the default rating when its
@@ -137,22 +156,25 @@ class SmsStore:
         citizen (R1.6), looked at whole whenever one of its items changed: one invitation for all
         its items, none once it is rated, and for a theme only once all its matters are
         completed, its window running from the last completion. The invitation goes to an item
-        whose number can get an SMS, if one can. Returns the latest ``updated_at`` seen, for the
-        next call's ``since`` (callers keep a margin for transactions that commit late).
+        whose number can get an SMS, if one can.
+
+        Records are read in ``(updated_at, id)`` order, ``limit`` at a time (one transaction
+        each), at most ``pages`` pages a call, so that a large import is taken in turns with the
+        store's other work. Returns the position reached, for the next call's ``since`` (callers
+        go back a margin from time to time for transactions that commit late).
         """
         now = now or utcnow()
-        latest, after = since, None
-        while True:  # page by (updated_at, id): many records of one moment (an import) still move on
-            count, last = self._invite_page(since, after, now, limit)
+        position = since if isinstance(since, ScanPosition) else ScanPosition(since)
+        for _ in range(pages):
+            count, last = self._invite_page(position, now, limit)
             if last is None:
-                return latest
-            latest, after = max(latest, last[0]), last
+                break
+            position = last
             if count < limit:
-                return latest
+                break
+        return position
 
-    def _invite_page(
-        self, since: datetime, after: tuple[datetime, int] | None, now: datetime, limit: int
-    ) -> tuple[int, tuple[datetime, int] | None]:
+    def _invite_page(self, after: ScanPosition, now: datetime, limit: int) -> tuple[int, ScanPosition | None]:
         """One page of :meth:`create_invitations`: how many records it looked at, and the last one."""
         s, i, r = service_records.c, invitations.c, ratings.c
         lone = and_(
@@ -166,12 +188,13 @@ class SmsStore:
         in_group = and_(or_(s.batch_id.is_not(None), s.theme_id.is_not(None)), ~_group_invited(s))
         page = (
             select(s.id, s.completed_at, s.updated_at, s.batch_id, s.theme_id)
-            .where(s.updated_at >= since, or_(lone, in_group))
+            .where(
+                or_(s.updated_at > after.at, and_(s.updated_at == after.at, s.id > after.record_id)),
+                or_(lone, in_group),
+            )
             .order_by(s.updated_at, s.id)
             .limit(limit)
         )
-        if after is not None:
-            page = page.where(or_(s.updated_at > after[0], and_(s.updated_at == after[0], s.id > after[1])))
         with self.store.engine.begin() as connection:
             # Two instances must not each invite another item of one batch or theme.
             self._lock(connection, "hcp-sms-invitations")
@@ -185,7 +208,7 @@ class SmsStore:
                     self._insert(invitations).on_conflict_do_nothing(index_elements=["service_record_id", "channel"]),
                     [self._new_invitation(row["id"], row["completed_at"], now) for row in chosen],
                 )
-        return len(rows), (rows[-1]["updated_at"], rows[-1]["id"])
+        return len(rows), ScanPosition(rows[-1]["updated_at"], rows[-1]["id"])
 
     def _new_invitation(self, record_id: int, completed_at: datetime, now: datetime) -> dict[str, Any]:
         send_after = completed_at + self.settings.schedule.invite_delay
@@ -1315,7 +1338,12 @@ def _group_invited(record: Any) -> Any:
     item = service_records.alias("group_item")
     same_group = or_(
         and_(record.theme_id.is_not(None), item.c.theme_id == record.theme_id),
-        and_(record.theme_id.is_(None), record.batch_id.is_not(None), item.c.batch_id == record.batch_id),
+        and_(
+            record.theme_id.is_(None),
+            record.batch_id.is_not(None),
+            item.c.batch_id == record.batch_id,
+            item.c.theme_id.is_(None),  # an item of a theme was invited for its theme
+        ),
     )
     return exists().where(same_group, invitations.c.service_record_id == item.c.id, invitations.c.channel == SMS)
 

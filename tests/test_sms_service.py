@@ -239,7 +239,7 @@ def test_a_record_committed_late_is_found_by_the_periodic_look_back(harness: Any
         connection.execute(
             update(service_records)
             .where(service_records.c.external_id == "M-late")
-            .values(updated_at=service._watermark - timedelta(minutes=5))
+            .values(updated_at=service._watermark.at - timedelta(minutes=5))
         )
     clock.advance(1)
     assert len(table(store, invitations)) == 1

@@ -22,7 +22,7 @@ from gateway.sms.text import encode_ucs2_parts
 from gateway.workdays import SHANGHAI, WorkingDayCalendar
 from storage.outbox import Outbox
 from storage.schema import invitations, message_parts, messages, opt_outs, outbox, ratings, service_records
-from storage.sms import Ack, SmsStore, concat_reference
+from storage.sms import Ack, ScanPosition, SmsStore, concat_reference
 from storage.store import Store
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -793,7 +793,28 @@ def test_more_records_of_one_moment_than_a_page_still_move_the_scan_on(store: St
     complete(store, "L-1", done)
     time.sleep(0.01)
     store.upsert_service_records(_batches("B", 3, done))
-    watermark = EPOCH
-    for _ in range(3):
-        watermark = max(watermark, sms.create_invitations(watermark, now=done + timedelta(minutes=1), limit=5))
-    assert len(rows(store, invitations)) == 16
+    position = sms.create_invitations(EPOCH, now=done + timedelta(minutes=1), limit=5)
+    assert len(rows(store, invitations)) == 16  # pages by (updated_at, id): four pages, one call
+    assert position == ScanPosition(rows(store, service_records)[-1]["updated_at"], 16)
+
+
+def test_a_large_import_is_taken_a_few_pages_a_round(store: Store, sms: SmsStore) -> None:
+    """The store's other work (ratings, the API) waits for a round: a 100,000-record import is
+    read ``pages`` pages at a time, each round going on from where the last stopped."""
+    done = shanghai(2026, 11, 23, 10, 0)
+    store.upsert_service_records(_batches("A", 12, done))
+    position = sms.create_invitations(EPOCH, now=done + timedelta(minutes=1), limit=5, pages=2)
+    assert len(rows(store, invitations)) == 10
+    sms.create_invitations(position, now=done + timedelta(minutes=1), limit=5, pages=2)
+    assert len(rows(store, invitations)) == 12
+
+
+def test_a_batch_sharing_an_item_with_a_theme_is_still_asked(store: Store, sms: SmsStore) -> None:
+    """R1.6: an item of a batch that is also in a theme goes with its theme; the batch's other items
+    (outside the theme) are the batch, asked once on their own."""
+    done = shanghai(2026, 11, 23, 10, 0)
+    in_theme = complete(store, "X", done, batch_id="B-1", theme_id="T-1")
+    invite(sms, done + timedelta(minutes=1))
+    outside = complete(store, "Y", done + timedelta(minutes=5), batch_id="B-1")
+    invite(sms, done + timedelta(minutes=6))
+    assert sorted(row["service_record_id"] for row in rows(store, invitations)) == [in_theme, outside]

@@ -41,7 +41,7 @@ from gateway.sms.smpp import (
 from gateway.sms.text import IncomingPart, encode_ucs2_parts
 from gateway.workdays import WorkingDayCalendar
 from storage.deferred import DeferredStore
-from storage.sms import Ack, OutgoingMessage, ReplyOutcome, SmsStore
+from storage.sms import Ack, OutgoingMessage, ReplyOutcome, ScanPosition, SmsStore
 from storage.store import Store
 
 log = logging.getLogger("gateway.sms")
@@ -103,7 +103,7 @@ class SmsService(service.Service):
         self.max_in_flight = max_in_flight
         self.claim_batch = claim_batch
         self._now = now or (lambda: datetime.fromtimestamp(reactor.seconds(), UTC))
-        self._watermark = datetime(1970, 1, 1, tzinfo=UTC)
+        self._watermark = ScanPosition(datetime(1970, 1, 1, tzinfo=UTC))
         self._rounds = 0
         self._in_flight: dict[int, _InFlight] = {}
         self._timeouts: dict[int, int] = {}  # message id → submits that had no answer in time
@@ -161,7 +161,7 @@ class SmsService(service.Service):
         try:
             now = self._now()
             self._rounds += 1
-            since = self._watermark - SCAN_MARGIN if self._rounds % MARGIN_EVERY == 1 else self._watermark
+            since = self._watermark.back(SCAN_MARGIN) if self._rounds % MARGIN_EVERY == 1 else self._watermark
             seen = yield self.store.run(self.sms_store.create_invitations, since, now=now)
             self._watermark = max(self._watermark, seen)
             queued = 0
