@@ -1357,6 +1357,7 @@ def _batch_rated(batch_id: Any) -> Any:
         ratings.c.service_record_id == sibling.c.id,
         ratings.c.is_attempt.is_(False),
         ratings.c.is_default.is_(False),
+        ratings.c.overall.is_(False),  # a theme's overall rating does not rate a batch through its item
     )
 
 

@@ -316,3 +316,39 @@ def test_an_unreadable_receipt_is_kept_for_review_before_it_is_acknowledged(harn
     [kept] = table(store, sms_inbox)
     assert (kept["kind"], kept["status"], kept["body"]) == ("receipt", "unreadable", "sub:001 dlvrd:001 err:000")
     service.stopService()
+
+
+def test_a_look_back_with_more_to_read_than_a_round_goes_on_in_the_next_rounds(
+    harness: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Records that stay in the scan (batch items not completed yet) must not hide a record committed
+    late behind them: the look-back carries on from where a round stopped."""
+    from sqlalchemy import update
+
+    from gateway.sms.service import MARGIN_EVERY
+    from storage.schema import invitations, service_records
+
+    scan = SmsStore.create_invitations
+
+    def small_rounds(self: SmsStore, since: Any, **kw: Any) -> Any:
+        return scan(self, since, **kw, limit=3, pages=1)
+
+    monkeypatch.setattr(SmsStore, "create_invitations", small_rounds)
+    service, _, clock, store = harness
+    completed(store, "M-1")
+    service.startService()
+    clock.advance(0)
+    store.upsert_service_records(
+        [ServiceRecordInput(id=f"A-{k}", kind=ServiceKind.MATTER, batch_id=f"B-{k}") for k in range(10)]  # type: ignore[arg-type]
+    )
+    completed(store, "M-late")
+    watermark = service._watermark.at
+    with store.engine.begin() as connection:
+        pending = service_records.c.external_id.like("A-%")
+        connection.execute(update(service_records).where(pending).values(updated_at=watermark - timedelta(minutes=8)))
+        late = service_records.c.external_id == "M-late"
+        connection.execute(update(service_records).where(late).values(updated_at=watermark - timedelta(minutes=5)))
+    for _ in range(MARGIN_EVERY + 5):
+        clock.advance(1)
+    assert len(table(store, invitations)) == 2
+    service.stopService()

@@ -818,3 +818,20 @@ def test_a_batch_sharing_an_item_with_a_theme_is_still_asked(store: Store, sms: 
     outside = complete(store, "Y", done + timedelta(minutes=5), batch_id="B-1")
     invite(sms, done + timedelta(minutes=6))
     assert sorted(row["service_record_id"] for row in rows(store, invitations)) == [in_theme, outside]
+
+
+def test_a_themes_overall_rating_does_not_rate_the_batch_of_one_of_its_matters(store: Store, sms: SmsStore) -> None:
+    """R1.6: B-1 = {X in theme T-1, Y alone}. The theme's overall rating (kept on X) covers the
+    theme, not Y: Y's batch invitation still gets its reminder and, unanswered, its default."""
+    done = shanghai(2026, 11, 23, 10, 0)
+    x = complete(store, "X", done, batch_id="B-1", theme_id="T-1")
+    y = complete(store, "Y", done, phone=OTHER_PHONE, batch_id="B-1")
+    invite(sms, done + timedelta(minutes=1))
+    with store.engine.begin() as connection:
+        store.add_rating(
+            connection, service_record_id=x, level=Level.SATISFIED, channel=Channel.SMS, raw_input="2",
+            rated_at=done + timedelta(hours=2), overall=True,
+        )  # fmt: skip
+    assert sms.run_due_steps(now=done + timedelta(hours=25)).reminders == 1
+    sms.run_due_steps(now=shanghai(2026, 12, 1, 10, 0))
+    assert [r["is_default"] for r in rows(store, ratings, ratings.c.service_record_id == y)] == [True]

@@ -104,6 +104,7 @@ class SmsService(service.Service):
         self.claim_batch = claim_batch
         self._now = now or (lambda: datetime.fromtimestamp(reactor.seconds(), UTC))
         self._watermark = ScanPosition(datetime(1970, 1, 1, tzinfo=UTC))
+        self._look_back: ScanPosition | None = None  # where a look-back for late commits stands
         self._rounds = 0
         self._in_flight: dict[int, _InFlight] = {}
         self._timeouts: dict[int, int] = {}  # message id → submits that had no answer in time
@@ -161,9 +162,17 @@ class SmsService(service.Service):
         try:
             now = self._now()
             self._rounds += 1
-            since = self._watermark.back(SCAN_MARGIN) if self._rounds % MARGIN_EVERY == 1 else self._watermark
-            seen = yield self.store.run(self.sms_store.create_invitations, since, now=now)
+            seen = yield self.store.run(self.sms_store.create_invitations, self._watermark, now=now)
             self._watermark = max(self._watermark, seen)
+            # Now and then, look back for records whose transactions committed late; a look-back
+            # with more to read than a round takes goes on in the next rounds until it is done.
+            if self._look_back is None and self._rounds % MARGIN_EVERY == 1:
+                self._look_back = self._watermark.back(SCAN_MARGIN)
+            if self._look_back is not None:
+                reached = yield self.store.run(self.sms_store.create_invitations, self._look_back, now=now)
+                done = reached == self._look_back or reached >= self._watermark
+                self._watermark = max(self._watermark, reached)
+                self._look_back = None if done else reached
             queued = 0
             while True:
                 counts = yield self.store.run(self.sms_store.run_due_steps, now=now)
