@@ -226,15 +226,19 @@ class SmsStore:
     def _group_invitees(self, connection: Connection, groups: Collection[tuple[str, str]]) -> list[dict[str, Any]]:
         """For each batch or theme to be asked now (R1.6): the item to invite, with the group's completion.
 
-        A group is asked once: not if one of its items has the invitation, nor once it is rated
-        (a batch by a rating of any item; a theme by its overall rating, or when every matter
-        was rated on its own), nor while a matter of a theme is not completed.
+        A group is asked once: not while one of its items has an open invitation, nor once it is
+        rated (a batch by a rating of any item; a theme by its overall rating, or when every
+        matter was rated, on its own or with its batch), nor while a matter of a theme is not
+        completed. A group whose question closed and that is open again (a matter added to a
+        theme rated matter by matter) is asked on an item that had no invitation yet.
         """
         s, i, r = service_records.c, invitations.c, ratings.c
         invited = exists().where(i.service_record_id == s.id, i.channel == SMS)
+        asking = exists().where(i.service_record_id == s.id, i.channel == SMS, i.status.in_(OPEN_STATUSES))
         own = exists().where(r.service_record_id == s.id, r.is_attempt.is_(False), r.overall.is_(False))
         themes = sorted(key for kind, key in groups if kind == "theme")
         overall = self._themes_rated_overall(connection, themes)
+        unrated = self._themes_with_unrated_matters(connection, themes)
         members: dict[tuple[str, str], list[Any]] = {}
         for kind, column, of_groups in _group_queries(groups):
             query = select(
@@ -244,6 +248,7 @@ class SmsStore:
                 s.mobile_enc,
                 s.mobile_hash,
                 invited.label("invited"),
+                asking.label("asking"),
                 own.label("rated"),
             ).where(of_groups)
             for row in connection.execute(query.order_by(s.id)).mappings():
@@ -252,7 +257,9 @@ class SmsStore:
         opted = self._opted_out(connection, hashes)
         chosen: list[dict[str, Any]] = []
         for (kind, key), items in members.items():
-            if any(item["invited"] for item in items) or (kind == "theme" and key in overall):
+            if any(item["asking"] for item in items):
+                continue
+            if kind == "theme" and (key in overall or key not in unrated):
                 continue
             if kind == "batch" and any(item["rated"] for item in items):
                 continue
@@ -260,7 +267,8 @@ class SmsStore:
                 if kind == "theme":
                     continue  # asked when its last matter is done
                 items = [item for item in items if item["completed_at"] is not None]
-            candidates = [item for item in items if not item["rated"]]
+            # A matter rated on its own can still hold its theme's overall rating (its own slot).
+            candidates = [item for item in items if not item["invited"]]
             if not candidates:
                 continue
             reachable = [item for item in candidates if self._can_text(item, opted)]
@@ -345,6 +353,7 @@ class SmsStore:
                         rated.discard(row["service_record_id"])
             first = self._first_invitations(connection, rows)
             sizes = self._group_sizes(connection, rows)
+            completions = self._group_completions(connection, _groups_of(rows))
             hashes = {row["mobile_hash"] for row in rows}
             opted = self._opted_out(connection, {h for h in hashes if h})
             history = self._history(connection, hashes, now)
@@ -354,8 +363,58 @@ class SmsStore:
                     counts[self._supersede(connection, row)] += 1
                     continue
                 row = {**row, "items": sizes.get(group, 1) if group else 1}
+                if group is not None and group in completions and row["service_record_id"] not in rated:
+                    row, waits = self._as_group(connection, row, group, completions[group], now)
+                    if waits:
+                        counts["deferred"] += 1
+                        continue
                 counts[self._step(connection, row, row["service_record_id"] in rated, opted, history, now)] += 1
         return StepCounts(**counts)
+
+    def _group_completions(
+        self, connection: Connection, groups: Collection[tuple[str, str]]
+    ) -> dict[tuple[str, str], tuple[datetime | None, int]]:
+        """Each batch's or theme's last completion, and how many of its items are not completed."""
+        s = service_records.c
+        found: dict[tuple[str, str], tuple[datetime | None, int]] = {}
+        for kind, column, of_groups in _group_queries(groups):
+            query = select(column, func.max(s.completed_at), func.count() - func.count(s.completed_at))
+            for key, last, open_items in connection.execute(query.where(of_groups).group_by(column)):
+                found[(kind, key)] = (last, int(open_items))
+        return found
+
+    def _as_group(
+        self,
+        connection: Connection,
+        row: Any,
+        group: tuple[str, str],
+        completion: tuple[datetime | None, int],
+        now: datetime,
+    ) -> tuple[Any, bool]:
+        """The invitation's step as its group's (R1.6): (the row to step with, whether it waits instead).
+
+        The group changes after the invitation was made: a matter linked to its theme, an item
+        completed later. A theme with a matter not completed waits; the window runs from the
+        group's last completion, moved while the invitation was not sent yet.
+        """
+        last, open_items = completion
+        where = invitations.c.id == row["id"]
+        if group[0] == "theme" and open_items:
+            connection.execute(update(invitations).where(where).values(next_step_at=now + NO_NUMBER_RECHECK))
+            return row, True
+        if last is None or last == row["completed_at"]:
+            return row, False
+        row = {**row, "completed_at": last}
+        if row["sent_at"] is None:  # not told a deadline yet: it runs from the last completion
+            send_after = last + self.settings.schedule.invite_delay
+            closes = self._closes_at(last)
+            values = {"send_after": send_after, "closes_at": closes}
+            row = {**row, "closes_at": closes}
+            if send_after > now:
+                connection.execute(update(invitations).where(where).values(**values, next_step_at=send_after))
+                return row, True
+            connection.execute(update(invitations).where(where).values(**values))
+        return row, False
 
     def _closes_at(self, completed_at: datetime) -> datetime | None:
         """The window's end (R3.4), or None while the calendar of its year is not known.
@@ -392,6 +451,13 @@ class SmsStore:
         # A land line, or no number at all, cannot get an SMS: no sends, only the default at the
         # window's end (R3.4 holds for every completed service, whatever it can be asked by).
         no_sms = phone is None or row["mobile_hash"] in opted or not is_mobile(phone)
+        if no_sms and row["sent_at"] is None and rating_group(row["batch_id"], row["theme_id"]) is not None:
+            moved = self._to_reachable_item(connection, row, opted)
+            if moved is not None:  # another item of the group can get it (R1.6, R3.1)
+                row = moved
+                phone = self.store.protector.decrypt(row["mobile_enc"])
+                no_sms = False
+                history.update(self._history(connection, [row["mobile_hash"]], now))
         state = InvitationState(
             completed_at=row["completed_at"],
             closes_at=row["closes_at"],
@@ -452,6 +518,27 @@ class SmsStore:
         )
         return "reminders"
 
+    def _to_reachable_item(self, connection: Connection, row: Any, opted: Collection[str]) -> Any | None:
+        """Move the group's invitation to a completed item whose number can get the SMS, if there is one."""
+        s, i = service_records.c, invitations.c
+        group = rating_group(row["batch_id"], row["theme_id"])
+        assert group is not None
+        invited = exists().where(i.service_record_id == s.id, i.channel == SMS)
+        for _kind, _column, of_groups in _group_queries({group}):
+            query = (
+                select(s.id, s.mobile_enc, s.mobile_hash, s.matter_name)
+                .where(of_groups, s.completed_at.is_not(None), s.mobile_enc.is_not(None), ~invited)
+                .order_by(s.id)
+            )
+            for item in connection.execute(query).mappings():
+                if self._can_text(item, opted):
+                    connection.execute(
+                        update(invitations).where(i.id == row["id"]).values(service_record_id=item["id"])
+                    )
+                    moved = {name: item[name] for name in ("mobile_enc", "mobile_hash", "matter_name")}
+                    return {**row, **moved, "service_record_id": item["id"]}
+        return None
+
     def _text(self, kind: str, row: Any) -> str:
         make = sms_text.reminder_text if kind == "reminder" else sms_text.invitation_text
         return make(
@@ -484,10 +571,18 @@ class SmsStore:
         would cover nothing, so it is not asked for.
         """
         s, r = service_records.c, ratings.c
+        item = service_records.alias("batch_item")
+        own = exists().where(r.service_record_id == s.id, r.is_attempt.is_(False), r.overall.is_(False))
+        by_batch = exists().where(  # a rating of one item of a batch rates every item (R1.6)
+            s.batch_id.is_not(None),
+            item.c.batch_id == s.batch_id,
+            r.service_record_id == item.c.id,
+            r.is_attempt.is_(False),
+            r.overall.is_(False),
+        )
         found: set[str] = set()
         for chunk in _chunks(sorted(theme_ids)):
-            own = exists().where(r.service_record_id == s.id, r.is_attempt.is_(False), r.overall.is_(False))
-            query = select(s.theme_id).where(s.theme_id.in_(chunk), ~own).distinct()
+            query = select(s.theme_id).where(s.theme_id.in_(chunk), ~own, ~by_batch).distinct()
             found.update(connection.execute(query).scalars())
         return found
 
@@ -1334,7 +1429,7 @@ def _group_queries(groups: Collection[tuple[str, str]]) -> Iterable[tuple[str, A
 
 
 def _group_invited(record: Any) -> Any:
-    """SQL: an item of the record's theme, else of its batch, has the SMS invitation (R1.6)."""
+    """SQL: an item of the record's theme, else of its batch, has an open SMS invitation (R1.6)."""
     item = service_records.alias("group_item")
     same_group = or_(
         and_(record.theme_id.is_not(None), item.c.theme_id == record.theme_id),
@@ -1345,7 +1440,12 @@ def _group_invited(record: Any) -> Any:
             item.c.theme_id.is_(None),  # an item of a theme was invited for its theme
         ),
     )
-    return exists().where(same_group, invitations.c.service_record_id == item.c.id, invitations.c.channel == SMS)
+    return exists().where(
+        same_group,
+        invitations.c.service_record_id == item.c.id,
+        invitations.c.channel == SMS,
+        invitations.c.status.in_(OPEN_STATUSES),
+    )
 
 
 def _batch_rated(batch_id: Any) -> Any:
