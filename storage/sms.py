@@ -399,8 +399,12 @@ class SmsStore:
         """
         last, open_items = completion
         where = invitations.c.id == row["id"]
-        if group[0] == "theme" and open_items:
-            connection.execute(update(invitations).where(where).values(next_step_at=now + NO_NUMBER_RECHECK))
+        own_window = row["closes_at"]
+        if group[0] == "theme" and open_items and row["sent_at"] is None and (own_window is None or now < own_window):
+            # Not asked yet about an unfinished theme: wait for it, but not past the invitation's
+            # own window, whose end still brings the default (R3.4). One sent keeps its deadline.
+            later = now + NO_NUMBER_RECHECK if own_window is None else min(now + NO_NUMBER_RECHECK, own_window)
+            connection.execute(update(invitations).where(where).values(next_step_at=later))
             return row, True
         if last is None or last == row["completed_at"]:
             return row, False
@@ -470,9 +474,15 @@ class SmsStore:
         content = self._text(kind, row)
         sent = history.setdefault(row["mobile_hash"], [])
         action = next_action(state, now, self.settings.schedule, sent, content)
-        if phone is None and not isinstance(action, Done) and action.at > now + NO_NUMBER_RECHECK:
+        unsent_group = row["sent_at"] is None and rating_group(row["batch_id"], row["theme_id"]) is not None
+        if (
+            (phone is None or (no_sms and unsent_group))
+            and not isinstance(action, Done)
+            and action.at > now + NO_NUMBER_RECHECK
+        ):
             # No number yet: the record may get one in a later update (the intake fills fields
-            # in), and then its invitation is still due; look again until the window ends.
+            # in), or another item of its group one that can get the SMS (a land line first, a
+            # mobile completed later); its invitation is still due: look again until the window ends.
             connection.execute(update(invitations).where(where).values(next_step_at=now + NO_NUMBER_RECHECK))
             return "deferred"
         if isinstance(action, Done):

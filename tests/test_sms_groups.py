@@ -220,3 +220,46 @@ def test_group_all_opted_out_gets_the_default(store: Store, sms: SmsStore) -> No
         sms.run_due_steps(now=done + timedelta(hours=h, minutes=2))
     assert [m for m in rows(store, messages) if m["direction"] == "out"] == []
     assert [(x["service_record_id"], x["is_default"]) for x in rows(store, ratings)] == [(first, True)]
+
+
+def out(store: Store) -> list[str]:
+    return [m["kind"] for m in rows(store, messages) if m["direction"] == "out"]
+
+
+def test_a_sent_theme_invitation_keeps_its_deadline_when_a_matter_joins(store: Store, sms: SmsStore) -> None:
+    """Theme {T-0, T-1} completed and asked (SMS sent, deadline told); T-2 is then linked to the theme
+    and never completes (withdrawn). The invitation keeps its deadline and ends in the default (R3.4)."""
+    done = shanghai(2026, 11, 23, 10, 0)
+    complete(store, "T-0", done, theme_id="TH")
+    complete(store, "T-1", done, theme_id="TH")
+    invite(sms, done + timedelta(minutes=2))
+    [inv] = rows(store, invitations)
+    assert inv["status"] == "sent"
+    store.upsert_service_records(
+        [ServiceRecordInput(id="T-2", kind=ServiceKind.MATTER, mobile=PHONE, theme_id="TH")]  # type: ignore[arg-type]
+    )
+    for h in range(1, 24 * 20):
+        sms.run_due_steps(now=done + timedelta(hours=h, minutes=3))
+    [inv] = rows(store, invitations)
+    assert [r["is_default"] for r in rows(store, ratings)] == [True]
+
+
+def test_a_batch_first_on_a_land_line_is_texted_soon_after_its_mobile_item(store: Store, sms: SmsStore) -> None:
+    """B-0 (a land line) completes first and gets the batch's invitation; B-1 (a mobile) completes
+    2 h later: the invitation moves to B-1 within the hour, not at B-0's window end (R3.1, R3.3)."""
+    done = shanghai(2026, 11, 23, 10, 0)
+    complete(store, "B-0", done, phone="+862087654321", batch_id="B")
+    sms.create_invitations(EPOCH, now=done + timedelta(minutes=2))
+    sms.run_due_steps(now=done + timedelta(minutes=2))
+    time.sleep(0.01)
+    later = done + timedelta(hours=2)
+    complete(store, "B-1", later, batch_id="B")
+    first = None
+    for h in range(3, 24 * 12):
+        now = done + timedelta(hours=h)
+        sms.create_invitations(EPOCH, now=now)
+        sms.run_due_steps(now=now)
+        if first is None and out(store):
+            first = now
+    assert len(rows(store, invitations)) == 1
+    assert first is not None and first <= later + timedelta(hours=24)
